@@ -1,0 +1,328 @@
+"""Hand-written forward and backward passes, one pair per operation.
+
+Every op follows the CS231n convention::
+
+    out, cache = op_forward(x, ...)
+    dx, (dparams...) = op_backward(dout, cache)
+
+``dout`` is dL/d(out), the gradient of the scalar loss L with respect to the op's
+output; the backward returns dL/d(input) for each input.  Shapes use the same
+short names everywhere:
+
+    B batch, T time (sequence length), C model width (d_model), H heads,
+    D head size (C // H), F feed-forward width (d_ff), V vocabulary size.
+
+All ops are vectorized: no Python loop runs over batch, time or heads.  They work
+in whatever float dtype the inputs have (float32 for training, float64 for the
+gradient checks) and never upcast.
+"""
+
+from functools import lru_cache
+
+import numpy as np
+
+LN_EPS = 1e-5  # PyTorch's nn.LayerNorm / TransformerEncoderLayer default
+
+
+# ---------------------------------------------------------------- embedding
+
+def embedding_forward(idx, weight):
+    """out[b, t] = weight[idx[b, t]]:  (B,T) ints, (V,C) -> (B,T,C)."""
+    return weight[idx], (idx, weight.shape)
+
+
+def embedding_backward(dout, cache):
+    """Embedding lookup is a row selection, so its gradient is a scatter-add.
+
+    Forward:  out[b, t, :] = W[idx[b, t], :]
+    Backward: dW[v, :] = sum over all (b, t) with idx[b, t] == v of dout[b, t, :]
+    Rows of W that were never looked up get zero gradient.
+    """
+    idx, shape = cache
+    dW = np.zeros(shape, dtype=dout.dtype)
+    np.add.at(dW, idx.reshape(-1), dout.reshape(-1, shape[1]))
+    return dW
+
+
+# ------------------------------------------------------------------- linear
+
+def linear_forward(x, w, b=None):
+    """y = x @ w.T + b, PyTorch's nn.Linear layout: w is (out, in).
+
+    (..., in) -> (..., out); the matmul runs on the flattened (N, in) view.
+    """
+    y = x.reshape(-1, x.shape[-1]) @ w.T  # (N,in) @ (in,out) -> (N,out)
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], w.shape[0]), (x, w, b is not None)
+
+
+def linear_backward(dout, cache):
+    """Gradients of y = x @ w.T + b.
+
+    Each output y[n, o] = sum_i x[n, i] w[o, i] + b[o], so
+        dx[n, i] = sum_o dout[n, o] w[o, i]     ->  dx = dout @ w
+        dw[o, i] = sum_n dout[n, o] x[n, i]     ->  dw = dout.T @ x
+        db[o]    = sum_n dout[n, o]
+    where n runs over every leading position (all of B and T).
+    Returns (dx, dw, db); db is None for a bias-free layer.
+    """
+    x, w, has_bias = cache
+    d2 = dout.reshape(-1, dout.shape[-1])  # (N,out)
+    x2 = x.reshape(-1, x.shape[-1])  # (N,in)
+    dx = (d2 @ w).reshape(x.shape)
+    dw = d2.T @ x2
+    db = d2.sum(axis=0) if has_bias else None
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------- layernorm
+
+def layernorm_forward(x, w, b, eps=LN_EPS):
+    """Normalize each row of the last axis, then scale and shift.
+
+        mu   = mean(x)                  over the last axis (C)
+        var  = mean((x - mu)^2)         biased, as PyTorch
+        xhat = (x - mu) / sqrt(var + eps)
+        y    = w * xhat + b
+    """
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = xc * rstd
+    return xhat * w + b, (xhat, rstd, w)
+
+
+def layernorm_backward(dout, cache):
+    """Gradients of y = w * xhat + b with xhat = (x - mu) * rstd.
+
+        db = sum over rows of dout
+        dw = sum over rows of dout * xhat
+    For x, let g = dout * w (the gradient reaching xhat).  Differentiating
+    through both mu and var of the same row (C entries) gives
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    The mean(g) term comes from mu; the xhat * mean(g * xhat) term from var.
+    """
+    xhat, rstd, w = cache
+    C = xhat.shape[-1]
+    d2 = dout.reshape(-1, C)
+    xh2 = xhat.reshape(-1, C)
+    db = d2.sum(axis=0)
+    dw = np.einsum("nc,nc->c", d2, xh2)
+    g = dout * w
+    dx = g - g.mean(axis=-1, keepdims=True)
+    dx -= xhat * np.mean(g * xhat, axis=-1, keepdims=True)
+    dx *= rstd
+    return dx, dw, db
+
+
+# -------------------------------------------------------------- activations
+
+def relu_forward(x):
+    """y = max(x, 0)."""
+    return np.maximum(x, 0), x
+
+
+def relu_backward(dout, cache):
+    """dy/dx is 1 where x > 0 and 0 elsewhere, so dx = dout * [x > 0]."""
+    x = cache
+    return dout * (x > 0)
+
+
+_GELU_K = np.sqrt(2.0 / np.pi)
+_GELU_A = 0.044715
+
+
+def gelu_forward(x):
+    """GELU, tanh form (GPT-2's; PyTorch's ``gelu(x, approximate="tanh")``).
+
+        u = sqrt(2/pi) * (x + 0.044715 x^3)
+        y = 0.5 x (1 + tanh(u))
+    """
+    k = x.dtype.type(_GELU_K)
+    u = k * (x + x.dtype.type(_GELU_A) * x ** 3)
+    t = np.tanh(u)
+    return 0.5 * x * (1 + t), (x, t)
+
+
+def gelu_backward(dout, cache):
+    """Product rule on y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi)(x + 0.044715 x^3):
+
+        dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) * sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    with t = tanh(u) saved from the forward.  dx = dout * dy/dx.
+    """
+    x, t = cache
+    k = x.dtype.type(_GELU_K)
+    a3 = x.dtype.type(3 * _GELU_A)
+    dydx = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + a3 * x * x)
+    return dout * dydx
+
+
+ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gelu_backward)}
+
+
+# ------------------------------------------------------------------ dropout
+
+def dropout_forward(x, p, rng):
+    """Inverted dropout: zero each entry with probability p, scale survivors by 1/(1-p).
+
+    Scaling at training time keeps E[y] = x, so evaluation needs no change.
+    With p == 0 or rng None (evaluation) it is the identity.  The random draws
+    come only from ``rng``, so a fixed seed gives a fixed mask.
+    """
+    if rng is None or p == 0.0:
+        return x, None
+    mask = rng.random(x.shape, dtype=x.dtype) >= p
+    scale = x.dtype.type(1.0 / (1.0 - p))
+    m = mask * scale  # (same shape as x) entries are 0 or 1/(1-p)
+    return x * m, m
+
+
+def dropout_backward(dout, cache):
+    """y = x * m with a fixed mask m, so dx = dout * m (identity when no mask)."""
+    m = cache
+    return dout if m is None else dout * m
+
+
+# ---------------------------------------------------------------- attention
+
+@lru_cache(maxsize=32)
+def causal_mask(T, dtype):
+    """(T,T) additive mask: 0 where key j <= query i, -inf where j > i (the future)."""
+    m = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
+    m.flags.writeable = False
+    return m
+
+
+def softmax(x, axis=-1):
+    """Numerically stable softmax: subtracting the row max changes nothing mathematically."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None):
+    """Causal multi-head self-attention, PyTorch's nn.MultiheadAttention layout.
+
+        q, k, v = split(x @ w_in.T + b_in)               fused projection, w_in is (3C, C)
+        per head h:  A_h = softmax(q_h k_h^T / sqrt(D) + mask)   mask hides the future
+                     y_h = dropout(A_h) v_h
+        out = concat_h(y_h) @ w_out.T + b_out
+
+    Heads are a batch axis: (B,T,C) is viewed as (B,H,T,D), so one batched
+    matmul serves every head at once.
+    """
+    B, T, C = x.shape
+    H = n_heads
+    D = C // H
+    qkv, qkv_cache = linear_forward(x, w_in, b_in)  # (B,T,C) -> (B,T,3C)
+    qkv = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # -> (3,B,H,T,D)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scale = x.dtype.type(1.0 / np.sqrt(D))
+    att = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B,H,T,D) @ (B,H,D,T) -> (B,H,T,T)
+    att += causal_mask(T, x.dtype)
+    att = softmax(att)
+    att_d, drop_cache = dropout_forward(att, p_drop, rng)
+    y = att_d @ v  # (B,H,T,T) @ (B,H,T,D) -> (B,H,T,D)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble heads side by side
+    out, out_cache = linear_forward(y, w_out, b_out)  # (B,T,C) -> (B,T,C)
+    return out, (qkv_cache, q, k, v, att, att_d, drop_cache, out_cache, scale, H)
+
+
+def attention_backward(dout, cache):
+    """Backward of causal multi-head self-attention, undoing the forward line by line.
+
+    out = y @ w_out.T + b_out     ->  linear backward gives dy, dw_out, db_out
+    y_h = Ad_h v_h  (Ad = dropout(A))
+                                  ->  dAd = dy_h v_h^T,   dv_h = Ad_h^T dy_h
+    Ad = A * m                    ->  dA = dAd * m
+    A = softmax(S) row-wise       ->  dS = A * (dA - sum_j(dA * A))
+        (softmax Jacobian: dA_i/dS_j = A_i (delta_ij - A_j); masked entries have
+         A = 0, so they get zero gradient automatically)
+    S = q k^T / sqrt(D)           ->  dq = dS k / sqrt(D),  dk = dS^T q / sqrt(D)
+    q, k, v = split(x @ w_in.T + b_in)
+                                  ->  stack (dq, dk, dv) back into (B,T,3C), linear backward
+    Returns (dx, dw_in, db_in, dw_out, db_out).
+    """
+    qkv_cache, q, k, v, att, att_d, drop_cache, out_cache, scale, H = cache
+    B, _, T, D = q.shape
+    C = H * D
+    dy, dw_out, db_out = linear_backward(dout, out_cache)
+    dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B,T,C) -> (B,H,T,D)
+    datt = dy @ v.transpose(0, 1, 3, 2)  # (B,H,T,D) @ (B,H,D,T) -> (B,H,T,T)
+    dv = att_d.transpose(0, 1, 3, 2) @ dy  # (B,H,T,T) @ (B,H,T,D) -> (B,H,T,D)
+    datt = dropout_backward(datt, drop_cache)
+    datt -= np.sum(datt * att, axis=-1, keepdims=True)
+    datt *= att  # now dS, the gradient of the pre-softmax scores
+    datt *= scale
+    dq = datt @ k  # (B,H,T,T) @ (B,H,T,D) -> (B,H,T,D)
+    dk = datt.transpose(0, 1, 3, 2) @ q
+    dqkv = np.stack((dq, dk, dv))  # (3,B,H,T,D)
+    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * C)  # -> (B,T,3C)
+    dx, dw_in, db_in = linear_backward(dqkv, qkv_cache)
+    return dx, dw_in, db_in, dw_out, db_out
+
+
+# ------------------------------------------------------ softmax cross-entropy
+
+def cross_entropy_forward(logits, targets):
+    """Mean negative log-likelihood of the targets under softmax(logits).
+
+        loss = -(1/N) sum_n log softmax(logits[n])[targets[n]]
+    logits (..., V) and integer targets (...) are flattened to N rows.
+    log-softmax is computed as z - max - log(sum(exp(z - max))) for stability.
+    """
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)
+    t = targets.reshape(-1)
+    N = z.shape[0]
+    shifted = z - z.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    s = e.sum(axis=1, keepdims=True)
+    logp_t = shifted[np.arange(N), t] - np.log(s[:, 0])
+    loss = -logp_t.mean()
+    probs = e / s
+    return float(loss), (probs, t, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache):
+    """d loss / d logits = (softmax(logits) - onehot(target)) / N.
+
+    The softmax and the log cancel neatly: d(-log p_t)/dz_j = p_j - [j == t].
+    """
+    probs, t, shape = cache
+    N = probs.shape[0]
+    dz = probs.copy()
+    dz[np.arange(N), t] -= 1.0
+    dz *= probs.dtype.type(dloss / N)
+    return dz.reshape(shape)
+
+
+# ------------------------------------------------------------- feed-forward
+
+def ffn_forward(x, w1, b1, w2, b2, activation="relu", p_drop=0.0, rng=None):
+    """Position-wise feed-forward network, as in nn.TransformerEncoderLayer:
+
+        y = linear2(dropout(act(linear1(x))))      (B,T,C) -> (B,T,F) -> (B,T,C)
+    """
+    act_forward, _ = ACTIVATIONS[activation]
+    h, c1 = linear_forward(x, w1, b1)  # (B,T,C) -> (B,T,F)
+    a, ca = act_forward(h)
+    a, cd = dropout_forward(a, p_drop, rng)
+    y, c2 = linear_forward(a, w2, b2)  # (B,T,F) -> (B,T,C)
+    return y, (c1, ca, cd, c2, activation)
+
+
+def ffn_backward(dout, cache):
+    """Chain rule back through linear2, dropout, the activation and linear1 in turn.
+
+    Returns (dx, dw1, db1, dw2, db2).
+    """
+    c1, ca, cd, c2, activation = cache
+    _, act_backward = ACTIVATIONS[activation]
+    da, dw2, db2 = linear_backward(dout, c2)
+    da = dropout_backward(da, cd)
+    dh = act_backward(da, ca)
+    dx, dw1, db1 = linear_backward(dh, c1)
+    return dx, dw1, db1, dw2, db2

@@ -1,0 +1,344 @@
+"""The TinyLLM transformer: forward and backward, top-down like the paper.
+
+    x = tok_emb[idx] + pos_emb[0..T-1]                      (B,T) -> (B,T,C)
+    n_layers x encoder layer (PyTorch's nn.TransformerEncoderLayer):
+        post-norm (norm_first=False, the original):
+            x = norm1(x + dropout(self_attn(x)))
+            x = norm2(x + dropout(ffn(x)))
+        pre-norm (norm_first=True, GPT-2 style):
+            x = x + dropout(self_attn(norm1(x)))
+            x = x + dropout(ffn(norm2(x)))
+    logits = ln(x) @ head.T                                 (B,T,C) -> (B,T,V)
+
+Parameters carry the names and shapes of the original's PyTorch state_dict and
+live as views into one flat buffer (``model.flat``), so the optimizer can update
+all 626,560 of them with a handful of vectorized operations.
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import layers as L
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclasses.dataclass
+class Config:
+    vocab_size: int = 59
+    d_model: int = 128
+    n_layers: int = 3
+    n_heads: int = 4
+    d_ff: int = 512
+    context: int = 128
+    dropout: float = 0.1
+    norm_first: bool = False
+    activation: str = "relu"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "context"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"Config.{name} must be a positive integer, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"Config.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in L.ACTIVATIONS:
+            raise ValueError(f"Config.activation must be one of {sorted(L.ACTIVATIONS)}, got {self.activation!r}")
+
+    def param_shapes(self):
+        """Name -> shape, in the original state_dict's order."""
+        V, C, F, T = self.vocab_size, self.d_model, self.d_ff, self.context
+        shapes = {"tok_emb.weight": (V, C), "pos_emb.weight": (T, C)}
+        for i in range(self.n_layers):
+            p = f"layers.{i}."
+            shapes.update({
+                p + "self_attn.in_proj_weight": (3 * C, C),
+                p + "self_attn.in_proj_bias": (3 * C,),
+                p + "self_attn.out_proj.weight": (C, C),
+                p + "self_attn.out_proj.bias": (C,),
+                p + "linear1.weight": (F, C),
+                p + "linear1.bias": (F,),
+                p + "linear2.weight": (C, F),
+                p + "linear2.bias": (C,),
+                p + "norm1.weight": (C,),
+                p + "norm1.bias": (C,),
+                p + "norm2.weight": (C,),
+                p + "norm2.bias": (C,),
+            })
+        shapes.update({"ln.weight": (C,), "ln.bias": (C,), "head.weight": (V, C)})
+        return shapes
+
+
+def flat_views(shapes, buf):
+    """Carve consecutive views with the given shapes out of one 1-D buffer."""
+    views, off = {}, 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape))
+        views[name] = buf[off:off + n].reshape(shape)
+        off += n
+    assert off == buf.size, "buffer size does not match the shapes"
+    return views
+
+
+class TinyLLM:
+    """Character-level causal transformer with hand-written backward.
+
+    model = TinyLLM(Config(vocab_size=59), seed=0)
+    logits = model.forward(idx)                         # (B,T) ints -> (B,T,V), no dropout
+    loss, grads = model.loss_and_grads(idx, targets, train=True)
+    """
+
+    def __init__(self, config, seed=0, dtype=np.float32, chars=None):
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.chars = None if chars is None else list(chars)
+        self.shapes = config.param_shapes()
+        self.n_params = sum(int(np.prod(s)) for s in self.shapes.values())
+        self.flat = np.zeros(self.n_params, dtype=self.dtype)
+        self.params = flat_views(self.shapes, self.flat)
+        self.rng = np.random.default_rng(seed)  # dropout masks come from here
+        self._init_weights(np.random.default_rng(seed))
+
+    def _init_weights(self, rng):
+        """PyTorch's default initialization for each module of the original."""
+        C, F = self.config.d_model, self.config.d_ff
+        p = self.params
+
+        def uniform(name, bound):
+            p[name][...] = rng.uniform(-bound, bound, p[name].shape)
+
+        p["tok_emb.weight"][...] = rng.standard_normal(p["tok_emb.weight"].shape)  # nn.Embedding: N(0,1)
+        p["pos_emb.weight"][...] = rng.standard_normal(p["pos_emb.weight"].shape)
+        for i in range(self.config.n_layers):
+            q = f"layers.{i}."
+            uniform(q + "self_attn.in_proj_weight", np.sqrt(6.0 / (C + 3 * C)))  # xavier_uniform
+            uniform(q + "self_attn.out_proj.weight", 1 / np.sqrt(C))  # nn.Linear default
+            uniform(q + "linear1.weight", 1 / np.sqrt(C))
+            uniform(q + "linear1.bias", 1 / np.sqrt(C))
+            uniform(q + "linear2.weight", 1 / np.sqrt(F))
+            uniform(q + "linear2.bias", 1 / np.sqrt(F))
+            p[q + "norm1.weight"][...] = 1.0
+            p[q + "norm2.weight"][...] = 1.0
+            # in_proj_bias, out_proj.bias and the norm biases stay zero, as in PyTorch
+        p["ln.weight"][...] = 1.0
+        uniform("head.weight", 1 / np.sqrt(C))
+
+    # ------------------------------------------------------------ forward
+
+    def _check_idx(self, idx):
+        idx = np.asarray(idx)
+        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"idx must be a 2-D integer array (B,T), got {idx.dtype} {idx.shape}")
+        T = idx.shape[1]
+        if not 1 <= T <= self.config.context:
+            raise ValueError(f"sequence length {T} must be between 1 and context={self.config.context}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return idx
+
+    def _block_forward(self, x, i, rng):
+        """One encoder layer; returns (out, cache).  rng None means no dropout."""
+        cfg, p, q = self.config, self.params, f"layers.{i}."
+        pd = cfg.dropout if rng is not None else 0.0
+
+        def attn(h):
+            a, ca = L.attention_forward(
+                h, p[q + "self_attn.in_proj_weight"], p[q + "self_attn.in_proj_bias"],
+                p[q + "self_attn.out_proj.weight"], p[q + "self_attn.out_proj.bias"],
+                cfg.n_heads, pd, rng)
+            a, cd = L.dropout_forward(a, pd, rng)  # dropout1
+            return a, (ca, cd)
+
+        def ffn(h):
+            f, cf = L.ffn_forward(h, p[q + "linear1.weight"], p[q + "linear1.bias"],
+                                  p[q + "linear2.weight"], p[q + "linear2.bias"],
+                                  cfg.activation, pd, rng)
+            f, cd = L.dropout_forward(f, pd, rng)  # dropout2
+            return f, (cf, cd)
+
+        norm1 = (p[q + "norm1.weight"], p[q + "norm1.bias"])
+        norm2 = (p[q + "norm2.weight"], p[q + "norm2.bias"])
+        if cfg.norm_first:
+            h, cn1 = L.layernorm_forward(x, *norm1)
+            a, ca = attn(h)
+            x = x + a
+            h, cn2 = L.layernorm_forward(x, *norm2)
+            f, cf = ffn(h)
+            x = x + f
+        else:
+            a, ca = attn(x)
+            x, cn1 = L.layernorm_forward(x + a, *norm1)
+            f, cf = ffn(x)
+            x, cn2 = L.layernorm_forward(x + f, *norm2)
+        return x, (ca, cn1, cf, cn2)
+
+    def _forward(self, idx, rng):
+        """Full forward; returns (logits, cache for the backward)."""
+        p = self.params
+        B, T = idx.shape
+        x, c_tok = L.embedding_forward(idx, p["tok_emb.weight"])  # (B,T) -> (B,T,C)
+        x = x + p["pos_emb.weight"][:T]  # broadcast over B: position t gets row t
+        block_caches = []
+        for i in range(self.config.n_layers):
+            x, c = self._block_forward(x, i, rng)
+            block_caches.append(c)
+        x, c_ln = L.layernorm_forward(x, p["ln.weight"], p["ln.bias"])
+        logits, c_head = L.linear_forward(x, p["head.weight"])  # (B,T,C) -> (B,T,V)
+        return logits, (c_tok, block_caches, c_ln, c_head, T)
+
+    def forward(self, idx):
+        """Logits (B,T,V) for integer tokens idx (B,T), evaluation mode (no dropout)."""
+        logits, _ = self._forward(self._check_idx(idx), rng=None)
+        return logits
+
+    __call__ = forward
+
+    # ----------------------------------------------------------- backward
+
+    def _block_backward(self, dout, i, cache, grads):
+        """Backward of one encoder layer; writes its parameter gradients into grads."""
+        cfg, q = self.config, f"layers.{i}."
+        ca, cn1, cf, cn2 = cache
+
+        def attn_back(da):
+            c_att, c_drop = ca
+            dx, dwi, dbi, dwo, dbo = L.attention_backward(L.dropout_backward(da, c_drop), c_att)
+            grads[q + "self_attn.in_proj_weight"][...] = dwi
+            grads[q + "self_attn.in_proj_bias"][...] = dbi
+            grads[q + "self_attn.out_proj.weight"][...] = dwo
+            grads[q + "self_attn.out_proj.bias"][...] = dbo
+            return dx
+
+        def ffn_back(df):
+            c_ffn, c_drop = cf
+            dx, dw1, db1, dw2, db2 = L.ffn_backward(L.dropout_backward(df, c_drop), c_ffn)
+            grads[q + "linear1.weight"][...] = dw1
+            grads[q + "linear1.bias"][...] = db1
+            grads[q + "linear2.weight"][...] = dw2
+            grads[q + "linear2.bias"][...] = db2
+            return dx
+
+        def norm_back(dy, c, name):
+            dx, dw, db = L.layernorm_backward(dy, c)
+            grads[q + name + ".weight"][...] = dw
+            grads[q + name + ".bias"][...] = db
+            return dx
+
+        if cfg.norm_first:
+            # x2 = x1 + ffn(norm2(x1)):  the residual passes dout straight through
+            dx1 = dout + norm_back(ffn_back(dout), cn2, "norm2")
+            # x1 = x + attn(norm1(x))
+            return dx1 + norm_back(attn_back(dx1), cn1, "norm1")
+        # out = norm2(h + ffn(h)):  both paths into h receive d(h + ffn(h))
+        ds = norm_back(dout, cn2, "norm2")
+        dh = ds + ffn_back(ds)
+        # h = norm1(x + attn(x))
+        ds = norm_back(dh, cn1, "norm1")
+        return ds + attn_back(ds)
+
+    def _backward(self, dlogits, cache):
+        c_tok, block_caches, c_ln, c_head, T = cache
+        grads_flat = np.empty_like(self.flat)
+        grads = flat_views(self.shapes, grads_flat)
+        dx, dhead, _ = L.linear_backward(dlogits, c_head)
+        grads["head.weight"][...] = dhead
+        dx, grads["ln.weight"][...], grads["ln.bias"][...] = L.layernorm_backward(dx, c_ln)
+        for i in reversed(range(self.config.n_layers)):
+            dx = self._block_backward(dx, i, block_caches[i], grads)
+        # x = tok_emb[idx] + pos_emb[:T]: the sum sends dx to both terms
+        grads["pos_emb.weight"][...] = 0.0
+        grads["pos_emb.weight"][:T] = dx.sum(axis=0)  # rows past T were not used
+        grads["tok_emb.weight"][...] = L.embedding_backward(dx, c_tok)
+        return grads
+
+    def _dropout_rng(self, train, rng):
+        """The generator dropout draws from, or None for no dropout."""
+        if not train or self.config.dropout == 0:
+            return None
+        return self.rng if rng is None else rng
+
+    def _check_targets(self, idx, targets):
+        targets = np.asarray(targets)
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
+        return targets
+
+    def loss(self, idx, targets, train=False, rng=None):
+        """Mean cross-entropy only (no backward), e.g. for validation."""
+        idx = self._check_idx(idx)
+        targets = self._check_targets(idx, targets)
+        logits, _ = self._forward(idx, self._dropout_rng(train, rng))
+        return L.cross_entropy_forward(logits, targets)[0]
+
+    def loss_and_grads(self, idx, targets, train=False, rng=None):
+        """Mean cross-entropy of next-token targets and its gradient for every parameter.
+
+        idx, targets: int (B,T).  train=True applies dropout with masks drawn from
+        ``rng`` (default: the model's own generator, seeded at construction), so a
+        fixed generator state gives a fixed mask.  train=False (the default) is
+        deterministic.  Returns (loss: float, grads: dict name -> array shaped like
+        params); the gradient arrays are views into one fresh flat buffer, laid out
+        exactly like ``model.flat``.
+        """
+        idx = self._check_idx(idx)
+        targets = self._check_targets(idx, targets)
+        logits, cache = self._forward(idx, self._dropout_rng(train, rng))
+        loss, c_ce = L.cross_entropy_forward(logits, targets)
+        grads = self._backward(L.cross_entropy_backward(1.0, c_ce), cache)
+        return loss, grads
+
+    # ---------------------------------------------------------- save/load
+
+    def save(self, path):
+        """Write an .npz: one array per parameter plus JSON config and vocabulary.
+
+        Written to a temporary file beside ``path`` and moved into place with
+        os.replace, so an interrupted save never damages an existing file.
+        """
+        arrays = dict(self.params)
+        arrays["__config__"] = np.array(json.dumps(dataclasses.asdict(self.config)))
+        if self.chars is not None:
+            arrays["__chars__"] = np.array(json.dumps(self.chars))
+        atomic_savez(path, arrays)
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by save(); never unpickles (allow_pickle=False)."""
+        from .weights import load_npz_checked
+
+        config, params, chars = load_npz_checked(path)
+        dtype = next(iter(params.values())).dtype
+        model = cls(config, dtype=dtype, chars=chars)
+        for name, arr in params.items():
+            model.params[name][...] = arr
+        return model
+
+
+def atomic_savez(path, arrays):
+    """np.savez to a temp file in the target directory, fsync, then os.replace."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
