@@ -17,12 +17,10 @@ all 626,560 of them with a handful of vectorized operations.
 
 import dataclasses
 import json
-import os
-import tempfile
-
 import numpy as np
 
 from . import layers as L
+from .fileio import atomic_savez
 
 
 class WeightsError(ValueError):
@@ -316,29 +314,10 @@ class TinyLLM:
         """Read a file written by save(); never unpickles (allow_pickle=False)."""
         from .weights import load_npz_checked
 
-        config, params, chars = load_npz_checked(path)
+        config, params, chars, _ = load_npz_checked(path)
         dtype = next(iter(params.values())).dtype
         model = cls(config, dtype=dtype, chars=chars)
         for name, arr in params.items():
             model.params[name][...] = arr
         return model
 
-
-def atomic_savez(path, arrays):
-    """np.savez to a temp file in the target directory, fsync, then os.replace."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -45,8 +45,13 @@ def _config_from(path, raw):
         raise WeightsError(f"{path}: bad config: {e}") from e
 
 
-def load_npz_checked(path):
-    """Open and validate a weights file; returns (config, params dict, chars or None)."""
+def load_npz_checked(path, extra=()):
+    """Open and validate a weights file; returns (config, params, chars or None, extras).
+
+    ``extra`` names further arrays the file must hold (a training checkpoint's
+    optimizer state); they come back in the ``extras`` dict.  Any other entry
+    is refused.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such file")
@@ -73,7 +78,16 @@ def load_npz_checked(path):
         config = _config_from(path, _read_json(path, data, "__config__"))
         chars = _read_json(path, data, "__chars__") if "__chars__" in names else None
         expected = config.param_shapes()
-        present = [n for n in names if n not in META_KEYS]
+        present = [n for n in names if n not in META_KEYS and n not in extra]
+        absent = [n for n in extra if n not in names]
+        if absent:
+            raise WeightsError(f"{path}: missing {', '.join(absent)}; not a training checkpoint")
+        extras = {}
+        for n in extra:
+            try:
+                extras[n] = data[n]
+            except ValueError as e:
+                raise WeightsError(f"{path}: '{n}' is a pickled object; refused") from e
         missing = [n for n in expected if n not in present]
         extra = [n for n in present if n not in expected]
         if missing:
@@ -109,4 +123,4 @@ def load_npz_checked(path):
         if len(chars) != config.vocab_size:
             raise WeightsError(f"{path}: vocabulary has {len(chars)} characters but the embedding has "
                                f"{config.vocab_size} rows")
-    return config, params, chars
+    return config, params, chars, extras

@@ -1,0 +1,110 @@
+"""Finite-difference gradient checks: every layer, the whole model, and proof the checks can fail."""
+
+import numpy as np
+import pytest
+
+from tinyllm_np import gradcheck as gc
+from tinyllm_np import layers as L
+
+LAYER_CASES = [n for n in gc.CASES if not n.startswith("model_")]
+MODEL_CASES = [n for n in gc.CASES if n.startswith("model_")]
+
+
+@pytest.mark.parametrize("name", LAYER_CASES)
+def test_layer_gradients_match_finite_differences(name):
+    errors = gc.CASES[name]()
+    assert errors, "the check compared nothing"
+    for param, err in errors.items():
+        assert err < gc.TOLERANCE, f"{name}/{param}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_model_gradients_match_finite_differences(name):
+    errors = gc.CASES[name]()
+    assert len(errors) == len(gc.Config(**gc.SMALL).param_shapes())  # every parameter checked
+    for param, err in errors.items():
+        assert err < gc.TOLERANCE, f"{name}/{param}: relative error {err:.2e}"
+
+
+def test_model_gradients_without_dropout():
+    for param, err in gc.check_model(dropout=False, seed=3).items():
+        assert err < gc.TOLERANCE, f"{param}: relative error {err:.2e}"
+
+
+def test_numeric_grad_of_known_function():
+    x = np.array([1.0, -2.0, 0.5])
+    g = gc.numeric_grad(lambda: float(np.sum(x ** 3)), x)
+    np.testing.assert_allclose(g, 3 * x ** 2, rtol=1e-8)
+    np.testing.assert_array_equal(x, [1.0, -2.0, 0.5])  # restored
+
+
+# ------------------------------------------- a broken backward must be caught
+
+def _layernorm_backward_no_var_term(dout, cache):
+    """Drops the xhat * mean(g * xhat) term (the path through the variance)."""
+    xhat, rstd, w = cache
+    g = dout * w
+    dx = (g - g.mean(axis=-1, keepdims=True)) * rstd
+    C = xhat.shape[-1]
+    return dx, np.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C)), dout.reshape(-1, C).sum(0)
+
+
+def _attention_backward_no_softmax_sum(dout, cache):
+    """Treats softmax as elementwise: dS = A * dA, dropping the row-sum term."""
+    qkv_cache, q, k, v, att, att_d, drop_cache, out_cache, scale, H = cache
+    B, _, T, D = q.shape
+    dy, dw_out, db_out = L.linear_backward(dout, out_cache)
+    dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    datt = L.dropout_backward(dy @ v.transpose(0, 1, 3, 2), drop_cache) * att * scale
+    dv = att_d.transpose(0, 1, 3, 2) @ dy
+    dqkv = np.stack((datt @ k, datt.transpose(0, 1, 3, 2) @ q, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)
+    dx, dw_in, db_in = L.linear_backward(dqkv, qkv_cache)
+    return dx, dw_in, db_in, dw_out, db_out
+
+
+def _gelu_backward_no_tanh_derivative(dout, cache):
+    x, t = cache
+    return dout * 0.5 * (1 + t)
+
+
+def test_check_catches_broken_layernorm_backward():
+    errors = gc.case_layernorm(backward=_layernorm_backward_no_var_term)
+    assert errors["x"] > 1e-3
+    assert errors["weight"] < gc.TOLERANCE  # the untouched parts still agree
+
+
+def test_check_catches_broken_attention_backward():
+    errors = gc.case_attention(backward=_attention_backward_no_softmax_sum)
+    assert errors["x"] > 1e-3 and errors["in_proj_weight"] > 1e-3
+    assert errors["out_proj.weight"] < gc.TOLERANCE
+
+
+def test_check_catches_broken_gelu_backward():
+    assert gc.case_gelu(backward=_gelu_backward_no_tanh_derivative)["x"] > 1e-3
+
+
+def test_model_check_catches_broken_layer(monkeypatch):
+    monkeypatch.setattr(L, "layernorm_backward", lambda dout, cache: _layernorm_backward_no_var_term(dout, cache))
+    errors = gc.check_model()
+    assert errors["tok_emb.weight"] > 1e-3  # the error reaches the bottom of the network
+
+
+def test_model_check_catches_wrong_dropout_mask(monkeypatch):
+    """Backward that ignores the dropout mask must fail the whole-model check."""
+    monkeypatch.setattr(L, "dropout_backward", lambda dout, cache: dout)
+    errors = gc.check_model()
+    assert max(errors.values()) > 1e-3
+
+
+def test_cli_table_and_exit_code(capsys):
+    assert gc.main(["--layer", "layernorm", "--layer", "relu"]) == 0
+    out = capsys.readouterr().out
+    assert "layernorm" in out and "pass" in out and "FAIL" not in out
+    assert gc.main(["--layer", "nope"]) == 2
+
+
+def test_cli_fails_on_broken_backward(monkeypatch, capsys):
+    monkeypatch.setitem(gc.CASES, "layernorm",
+                        lambda seed=0: gc.case_layernorm(seed, backward=_layernorm_backward_no_var_term))
+    assert gc.main(["--layer", "layernorm"]) == 1
+    assert "FAIL" in capsys.readouterr().out

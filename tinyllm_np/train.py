@@ -1,0 +1,411 @@
+"""Training loop: random windows of the text, next-character cross-entropy, AdamW.
+
+    python train.py                                  # the original recipe on data/dialogue.txt
+    python train.py --data my.txt --max-steps 200    # any UTF-8 text file
+    python train.py --resume                         # continue from the last checkpoint
+
+One step draws B windows of T+1 characters at random positions of the training
+text; the first T characters are the input and the last T (shifted by one) the
+targets.  An epoch is as many steps as it takes to see as many target characters
+as the training text holds: len(train) // (B * T) steps.
+
+Checkpoints (parameters, AdamW moments, both random generators, the step) are
+written atomically; resuming continues bit for bit as if never interrupted.
+Ctrl-C (SIGINT) or SIGTERM finish the current step, save a checkpoint and exit
+(130 for SIGINT, 0 for SIGTERM).
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from .model import Config, TinyLLM, WeightsError
+from .optim import AdamW, clip_grad_norm, lr_at
+from .tokenizer import CharTokenizer
+from .weights import load_npz_checked
+from .fileio import atomic_savez, atomic_write_bytes
+
+EXIT_ERROR = 2
+
+
+class TrainError(Exception):
+    """A problem with the user's input; printed as one line, exit code 2."""
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="train.py", description="Train TinyLLM (NumPy) on a UTF-8 text file.")
+    a = ap.add_argument
+    a("--data", default="data/dialogue.txt", help="UTF-8 training text (default: %(default)s)")
+    a("--out", default="weights/tinyllm.npz", help="final weights file (default: %(default)s)")
+    a("--checkpoint", default="checkpoints/tinyllm_ckpt.npz", help="checkpoint file (default: %(default)s)")
+    a("--resume", action="store_true", help="continue from --checkpoint")
+    a("--ckpt-every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
+    a("--log", default="runs/train_log.csv", help="CSV log of the losses (default: %(default)s)")
+    a("--plot", default="runs/loss.png", help="loss-curve PNG, written if matplotlib is installed")
+    g = ap.add_argument_group("recipe (defaults: the original TinyLLM)")
+    g.add_argument("--epochs", type=float, default=8)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--context", type=int, default=128)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=0.0, help="final lr of cosine/linear decay")
+    g.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant")
+    g.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.999)
+    g.add_argument("--clip", type=float, default=0.0, help="clip gradients to this global norm (0: off)")
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--seed", type=int, default=0)
+    m = ap.add_argument_group("model shape (defaults: the original TinyLLM)")
+    m.add_argument("--d-model", type=int, default=128)
+    m.add_argument("--n-layers", type=int, default=3)
+    m.add_argument("--n-heads", type=int, default=4)
+    m.add_argument("--d-ff", type=int, default=512)
+    m.add_argument("--norm-first", action="store_true", help="pre-norm (GPT-2 style) instead of post-norm")
+    m.add_argument("--activation", choices=["relu", "gelu"], default="relu")
+    e = ap.add_argument_group("evaluation and output")
+    e.add_argument("--val-frac", type=float, default=0.1, help="held-out fraction of the text (default: 0.1)")
+    e.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: once an epoch)")
+    e.add_argument("--eval-batches", type=int, default=8)
+    e.add_argument("--log-every", type=int, default=50, help="progress lines when stderr is not a terminal")
+    e.add_argument("--quiet", action="store_true", help="no progress output")
+    return ap
+
+
+def validate_args(args):
+    checks = [
+        (args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}"),
+        (args.min_lr >= 0, f"--min-lr must be >= 0, got {args.min_lr}"),
+        (args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
+        (args.max_steps is None or args.max_steps > 0, f"--max-steps must be positive, got {args.max_steps}"),
+        (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
+        (args.context > 1, f"--context must be at least 2, got {args.context}"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (args.clip >= 0, f"--clip must be >= 0, got {args.clip}"),
+        (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
+        (0 < args.val_frac < 1, f"--val-frac must be between 0 and 1, got {args.val_frac}"),
+        (args.ckpt_every > 0, f"--ckpt-every must be positive, got {args.ckpt_every}"),
+        (args.eval_every >= 0 and args.eval_batches > 0, "--eval-every must be >= 0 and --eval-batches > 0"),
+        (args.log_every > 0, f"--log-every must be positive, got {args.log_every}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise TrainError(msg)
+    for name in ("d_model", "n_layers", "n_heads", "d_ff"):
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be positive")
+    if args.d_model % args.n_heads:
+        raise TrainError(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
+
+
+def read_text(path):
+    """The training text; clear errors for missing, unreadable, empty or non-UTF-8 files."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise TrainError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TrainError(f"{path}: is a directory, not a text file") from None
+    except OSError as e:
+        raise TrainError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TrainError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    if not text:
+        raise TrainError(f"{path}: file is empty")
+    return text
+
+
+def split_text(text, val_frac):
+    """Train on the head of the text, validate on its tail; cut at a line break if there is one."""
+    cut = int(len(text) * (1 - val_frac))
+    nl = text.rfind("\n", 0, cut)
+    if nl > cut // 2:
+        cut = nl + 1
+    return text[:cut], text[cut:]
+
+
+def sample_batch(ids, B, T, rng):
+    """B random windows: x = ids[i:i+T], y = ids[i+1:i+T+1].  (B,T) each."""
+    starts = rng.integers(0, len(ids) - T, size=B)
+    offs = starts[:, None] + np.arange(T + 1)  # (B,T+1) positions
+    w = ids[offs]
+    return w[:, :-1], w[:, 1:]
+
+
+def fixed_windows(ids, B, T, n_batches, seed):
+    """The same evaluation windows every time (a generator of their own, untouched by training)."""
+    rng = np.random.default_rng(seed)
+    return [sample_batch(ids, B, T, rng) for _ in range(n_batches)]
+
+
+def evaluate(model, windows):
+    return float(np.mean([model.loss(x, y) for x, y in windows]))
+
+
+def data_fingerprint(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, opt, state):
+    arrays = dict(model.params)
+    arrays["__config__"] = np.array(json.dumps(vars(model.config)))
+    arrays["__chars__"] = np.array(json.dumps(model.chars))
+    arrays["__opt_m__"] = opt.m
+    arrays["__opt_v__"] = opt.v
+    arrays["__train__"] = np.array(json.dumps(state))
+    atomic_savez(path, arrays)
+
+
+def load_checkpoint(path):
+    """(config, params, chars, opt_m, opt_v, state) from a checkpoint; TrainError if unusable."""
+    try:
+        config, params, chars, extra = load_npz_checked(path, extra=("__opt_m__", "__opt_v__", "__train__"))
+        state = json.loads(str(extra["__train__"]))
+    except WeightsError as e:
+        raise TrainError(f"cannot resume: {e}") from None
+    except (KeyError, ValueError) as e:
+        raise TrainError(f"cannot resume: {path}: not a training checkpoint ({e})") from None
+    return config, params, chars, extra["__opt_m__"], extra["__opt_v__"], state
+
+
+# ---------------------------------------------------------------- progress
+
+class Progress:
+    def __init__(self, total, quiet, log_every):
+        self.total, self.quiet, self.log_every = total, quiet, log_every
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.done0 = None
+
+    def update(self, step, loss, tok_per_s, extra=""):
+        if self.quiet:
+            return
+        if self.done0 is None:
+            self.done0 = step - 1
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.done0) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        line = (f"step {step}/{self.total} | loss {loss:.4f} | {tok_per_s:,.0f} tok/s | "
+                f"ETA {int(eta // 60)}:{int(eta % 60):02d}{extra}")
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(90))
+            sys.stderr.flush()
+        elif step % self.log_every == 0 or step == self.total or extra:
+            print(line, file=sys.stderr, flush=True)
+
+    def note(self, msg):
+        if not self.quiet:
+            if self.tty:
+                sys.stderr.write("\n")
+            print(msg, file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------- log
+
+LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "grad_norm", "eval_train_loss", "val_loss", "tok_per_s", "elapsed_s"]
+
+
+def open_log(path, resume_step):
+    """CSV log; on resume, rows past the checkpoint's step are dropped (they will be redone)."""
+    rows = []
+    if resume_step is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    f = open(path, "w", newline="")
+    w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    f.flush()
+    return f, w
+
+
+def plot_log(log_path, png_path):
+    """Loss curves from the CSV log, if matplotlib is installed; returns True if written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [float(r["train_loss"]) for r in rows], lw=0.6, alpha=0.6, label="train batch (dropout)")
+    ev = [r for r in rows if r["val_loss"]]
+    ax.plot([int(r["step"]) for r in ev], [float(r["eval_train_loss"]) for r in ev], "o-", label="train (eval)")
+    ax.plot([int(r["step"]) for r in ev], [float(r["val_loss"]) for r in ev], "s-", label="validation")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/char)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(png_path, buf.getvalue())
+    return True
+
+
+# -------------------------------------------------------------------- main
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the loop stops at the next step boundary."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop right away
+        self.signum = signum
+
+
+def train(args):
+    validate_args(args)
+    text = read_text(args.data)
+    train_text, val_text = split_text(text, args.val_frac)
+    T, B = args.context, args.batch_size
+    for name, part in (("training", train_text), ("validation", val_text)):
+        if len(part) < T + 2:
+            raise TrainError(f"{args.data}: the {name} part has {len(part)} characters, fewer than "
+                             f"--context {T} + 2; use a longer text, a smaller --context or another --val-frac")
+    fingerprint = data_fingerprint(text)
+
+    if args.resume:
+        if not os.path.exists(args.checkpoint):
+            raise TrainError(f"--resume: no checkpoint at {args.checkpoint}")
+        config, params, chars, opt_m, opt_v, state = load_checkpoint(args.checkpoint)
+        if state.get("data_sha256") != fingerprint:
+            raise TrainError(f"cannot resume: {args.checkpoint} was trained on different data than {args.data}")
+        tok = CharTokenizer(chars)
+        model = TinyLLM(config, seed=args.seed, dtype=next(iter(params.values())).dtype, chars=chars)
+        for k, v in params.items():
+            model.params[k][...] = v
+        hp = state["hparams"]
+        for k, v in hp.items():  # the recipe is the checkpoint's, whatever the command line says
+            setattr(args, k, v)
+    else:
+        tok = CharTokenizer.from_text(text)
+        config = Config(vocab_size=len(tok), d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                        d_ff=args.d_ff, context=T, dropout=args.dropout, norm_first=args.norm_first,
+                        activation=args.activation)
+        model = TinyLLM(config, seed=args.seed, chars=tok.chars)
+        state = None
+    train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
+    steps_per_epoch = max(1, len(train_ids) // (B * T))
+    total = int(math.ceil(args.epochs * steps_per_epoch))
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+    eval_every = args.eval_every or steps_per_epoch
+
+    opt = AdamW(model.params, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    data_rng = np.random.default_rng([args.seed, 1])
+    step = 0
+    if state is not None:
+        opt.load_state_dict({"t": state["opt_t"], "m": opt_m, "v": opt_v})
+        data_rng.bit_generator.state = state["data_rng"]
+        model.rng.bit_generator.state = state["dropout_rng"]
+        step = state["step"]
+    hparams = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "schedule", "warmup",
+                                             "weight_decay", "beta1", "beta2", "clip", "seed", "val_frac")}
+    train_eval = fixed_windows(train_ids, B, T, args.eval_batches, seed=args.seed + 101)
+    val_eval = fixed_windows(val_ids, B, T, args.eval_batches, seed=args.seed + 202)
+
+    def checkpoint_state():
+        return {"step": step, "opt_t": opt.t, "data_rng": data_rng.bit_generator.state,
+                "dropout_rng": model.rng.bit_generator.state, "data_sha256": fingerprint, "hparams": hparams}
+
+    log_f, log_w = open_log(args.log, step if args.resume else None)
+    progress = Progress(total, args.quiet, args.log_every)
+    progress.note(f"training {model.n_params:,} parameters on {len(train_ids):,} characters "
+                  f"({len(val_ids):,} held out), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
+                  f"{total} steps" + (f", resuming at step {step}" if step else ""))
+    stop = StopRequest()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    t_start = time.perf_counter()
+    recent = []
+    try:
+        while step < total:
+            if stop.signum is not None:
+                break
+            t0 = time.perf_counter()
+            opt.lr = lr_at(step, args.lr, total, args.warmup, args.schedule, args.min_lr)
+            x, y = sample_batch(train_ids, B, T, data_rng)
+            loss, grads = model.loss_and_grads(x, y, train=True)
+            gnorm = clip_grad_norm(grads, args.clip) if args.clip > 0 else clip_grad_norm(grads, math.inf)
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                progress.note(f"train: error: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+                              f"at step {step + 1}; stopped. The last good checkpoint is kept"
+                              + (f" at {args.checkpoint}" if os.path.exists(args.checkpoint) else ""))
+                return 1
+            opt.step(grads)
+            step += 1
+            dt = time.perf_counter() - t0
+            recent = (recent + [dt])[-20:]
+            tps = B * T * len(recent) / sum(recent)
+            row = {"step": step, "epoch": f"{step / steps_per_epoch:.3f}", "lr": f"{opt.lr:.6g}",
+                   "train_loss": f"{loss:.6f}", "grad_norm": f"{gnorm:.4f}", "eval_train_loss": "",
+                   "val_loss": "", "tok_per_s": f"{tps:.0f}", "elapsed_s": f"{time.perf_counter() - t_start:.1f}"}
+            extra = ""
+            if step % eval_every == 0 or step == total:
+                tr, va = evaluate(model, train_eval), evaluate(model, val_eval)
+                row["eval_train_loss"], row["val_loss"] = f"{tr:.6f}", f"{va:.6f}"
+                extra = f" | eval train {tr:.4f} | val {va:.4f}"
+            log_w.writerow(row)
+            log_f.flush()
+            progress.update(step, loss, tps, extra)
+            if step % args.ckpt_every == 0 or step == total:
+                save_checkpoint(args.checkpoint, model, opt, checkpoint_state())
+        if stop.signum is not None:
+            save_checkpoint(args.checkpoint, model, opt, checkpoint_state())
+            name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
+            progress.note(f"train: {name} at step {step}: checkpoint saved to {args.checkpoint}; "
+                          f"continue with --resume")
+            return 130 if stop.signum == signal.SIGINT else 0
+        model.save(args.out)
+        progress.note(f"saved {args.out} after {step} steps ({time.perf_counter() - t_start:.0f} s this run)")
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        log_f.close()
+    if plot_log(args.log, args.plot):
+        progress.note(f"loss curve: {args.plot}")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except TrainError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\ntrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
