@@ -230,6 +230,32 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     return out, (qkv_cache, q, k, v, att, att_d, drop_cache, out_cache, scale, H)
 
 
+def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_cache, pos):
+    """Attention for new tokens only, reusing the keys and values of earlier ones (KV cache).
+
+    x (B,Tn,C) holds the tokens at positions pos .. pos+Tn-1.  Their keys and
+    values are written into k_cache, v_cache (B,H,Tmax,D), which already hold
+    positions 0 .. pos-1; each new query then attends to every cached position
+    up to its own.  Same math as attention_forward (evaluation mode), without
+    recomputing the past: generating one token costs O(T) instead of O(T^2).
+    Returns out (B,Tn,C).
+    """
+    B, Tn, C = x.shape
+    H = n_heads
+    D = C // H
+    qkv, _ = linear_forward(x, w_in, b_in)  # (B,Tn,C) -> (B,Tn,3C)
+    q, k, v = qkv.reshape(B, Tn, 3, H, D).transpose(2, 0, 3, 1, 4)  # 3 x (B,H,Tn,D)
+    end = pos + Tn
+    k_cache[:, :, pos:end] = k
+    v_cache[:, :, pos:end] = v
+    att = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B,H,Tn,D) @ (B,H,D,end) -> (B,H,Tn,end)
+    att *= x.dtype.type(1.0 / np.sqrt(D))
+    att += causal_mask(end, x.dtype)[pos:end]  # rows of the full mask for these query positions
+    y = softmax(att) @ v_cache[:, :, :end]  # (B,H,Tn,end) @ (B,H,end,D) -> (B,H,Tn,D)
+    y = y.transpose(0, 2, 1, 3).reshape(B, Tn, C)
+    return linear_forward(y, w_out, b_out)[0]
+
+
 def attention_backward(dout, cache):
     """Backward of causal multi-head self-attention, undoing the forward line by line.
 

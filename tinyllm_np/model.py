@@ -144,12 +144,21 @@ class TinyLLM:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return idx
 
-    def _block_forward(self, x, i, rng):
-        """One encoder layer; returns (out, cache).  rng None means no dropout."""
+    def _block_forward(self, x, i, rng, kv=None):
+        """One encoder layer; returns (out, cache).  rng None means no dropout.
+
+        With ``kv = (k_cache, v_cache, pos)`` (generation) attention reads and
+        extends the KV cache instead, and no backward cache is kept.
+        """
         cfg, p, q = self.config, self.params, f"layers.{i}."
         pd = cfg.dropout if rng is not None else 0.0
 
         def attn(h):
+            if kv is not None:
+                return L.attention_cached_forward(
+                    h, p[q + "self_attn.in_proj_weight"], p[q + "self_attn.in_proj_bias"],
+                    p[q + "self_attn.out_proj.weight"], p[q + "self_attn.out_proj.bias"],
+                    cfg.n_heads, *kv), None
             a, ca = L.attention_forward(
                 h, p[q + "self_attn.in_proj_weight"], p[q + "self_attn.in_proj_bias"],
                 p[q + "self_attn.out_proj.weight"], p[q + "self_attn.out_proj.bias"],
@@ -193,6 +202,28 @@ class TinyLLM:
         x, c_ln = L.layernorm_forward(x, p["ln.weight"], p["ln.bias"])
         logits, c_head = L.linear_forward(x, p["head.weight"])  # (B,T,C) -> (B,T,V)
         return logits, (c_tok, block_caches, c_ln, c_head, T)
+
+    def forward_cached(self, idx, cache, pos):
+        """Logits (B,Tn,V) for tokens idx (B,Tn) at positions pos..pos+Tn-1, using a KV cache.
+
+        ``cache`` is a list of (k, v) arrays per layer, each (B,H,context,D), as
+        made by ``new_kv_cache``; positions before pos must already be in it.
+        """
+        p = self.params
+        Tn = idx.shape[1]
+        if pos + Tn > self.config.context:
+            raise ValueError(f"positions up to {pos + Tn} exceed the context of {self.config.context}")
+        x = p["tok_emb.weight"][idx] + p["pos_emb.weight"][pos:pos + Tn]  # (B,Tn) -> (B,Tn,C)
+        for i, (k, v) in enumerate(cache):
+            x, _ = self._block_forward(x, i, None, kv=(k, v, pos))
+        x, _ = L.layernorm_forward(x, p["ln.weight"], p["ln.bias"])
+        return L.linear_forward(x, p["head.weight"])[0]  # (B,Tn,C) -> (B,Tn,V)
+
+    def new_kv_cache(self, batch=1):
+        """Empty per-layer (k, v) buffers, (B,H,context,D) each, allocated once."""
+        c = self.config
+        shape = (batch, c.n_heads, c.context, c.d_model // c.n_heads)
+        return [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)) for _ in range(c.n_layers)]
 
     def forward(self, idx):
         """Logits (B,T,V) for integer tokens idx (B,T), evaluation mode (no dropout)."""

@@ -30,7 +30,7 @@ import numpy as np
 from .model import Config, TinyLLM, WeightsError
 from .optim import AdamW, clip_grad_norm, lr_at
 from .tokenizer import CharTokenizer
-from .weights import load_npz_checked
+from .weights import CHECKPOINT_KEYS, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
 
 EXIT_ERROR = 2
@@ -175,7 +175,7 @@ def save_checkpoint(path, model, opt, state):
 def load_checkpoint(path):
     """(config, params, chars, opt_m, opt_v, state) from a checkpoint; TrainError if unusable."""
     try:
-        config, params, chars, extra = load_npz_checked(path, extra=("__opt_m__", "__opt_v__", "__train__"))
+        config, params, chars, extra = load_npz_checked(path, extra=CHECKPOINT_KEYS)
         state = json.loads(str(extra["__train__"]))
     except WeightsError as e:
         raise TrainError(f"cannot resume: {e}") from None
@@ -353,12 +353,15 @@ def train(args):
             t0 = time.perf_counter()
             opt.lr = lr_at(step, args.lr, total, args.warmup, args.schedule, args.min_lr)
             x, y = sample_batch(train_ids, B, T, data_rng)
-            loss, grads = model.loss_and_grads(x, y, train=True)
-            gnorm = clip_grad_norm(grads, args.clip) if args.clip > 0 else clip_grad_norm(grads, math.inf)
+            with np.errstate(over="ignore", invalid="ignore"):  # a blow-up is caught just below
+                loss, grads = model.loss_and_grads(x, y, train=True)
+                gnorm = clip_grad_norm(grads, args.clip if args.clip > 0 else math.inf)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                progress.note(f"train: error: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
-                              f"at step {step + 1}; stopped. The last good checkpoint is kept"
-                              + (f" at {args.checkpoint}" if os.path.exists(args.checkpoint) else ""))
+                kept = (f"the last good checkpoint is kept at {args.checkpoint}" if os.path.exists(args.checkpoint)
+                        else "no checkpoint was written yet")
+                what = "loss" if not math.isfinite(loss) else "gradient"
+                print(f"train: error: non-finite {what} at step {step + 1}; stopped, {kept}",
+                      file=sys.stderr, flush=True)
                 return 1
             opt.step(grads)
             step += 1

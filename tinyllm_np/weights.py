@@ -17,6 +17,7 @@ import numpy as np
 from .model import Config, WeightsError
 
 META_KEYS = ("__config__", "__chars__")
+CHECKPOINT_KEYS = ("__opt_m__", "__opt_v__", "__train__")  # training state: a checkpoint loads as weights too
 
 
 def _read_json(path, data, key):
@@ -48,8 +49,9 @@ def _config_from(path, raw):
 def load_npz_checked(path, extra=()):
     """Open and validate a weights file; returns (config, params, chars or None, extras).
 
-    ``extra`` names further arrays the file must hold (a training checkpoint's
-    optimizer state); they come back in the ``extras`` dict.  Any other entry
+    ``extra`` names training-state entries (CHECKPOINT_KEYS) the file must hold;
+    they come back in the ``extras`` dict.  A checkpoint's training state is
+    otherwise ignored, so a checkpoint also loads as weights; any other entry
     is refused.
     """
     path = os.fspath(path)
@@ -78,7 +80,7 @@ def load_npz_checked(path, extra=()):
         config = _config_from(path, _read_json(path, data, "__config__"))
         chars = _read_json(path, data, "__chars__") if "__chars__" in names else None
         expected = config.param_shapes()
-        present = [n for n in names if n not in META_KEYS and n not in extra]
+        present = [n for n in names if n not in META_KEYS and n not in CHECKPOINT_KEYS]
         absent = [n for n in extra if n not in names]
         if absent:
             raise WeightsError(f"{path}: missing {', '.join(absent)}; not a training checkpoint")

@@ -1,0 +1,77 @@
+"""Generation: KV cache equals full recomputation, sliding window, sampling."""
+
+import numpy as np
+import pytest
+
+from tinyllm_np import Config, TinyLLM
+from tinyllm_np.generate import Decoder, generate, sample, window_start
+
+
+def small_model(context=16, dtype=np.float64, **kw):
+    return TinyLLM(Config(vocab_size=23, d_model=16, n_layers=2, n_heads=2, d_ff=32, context=context, **kw),
+                   seed=5, dtype=dtype)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_forward_cached_equals_forward(norm_first):
+    model = small_model(norm_first=norm_first)
+    idx = np.random.default_rng(0).integers(0, 23, (2, 16))
+    cache = model.new_kv_cache(batch=2)
+    parts = [model.forward_cached(idx[:, :5], cache, 0)]
+    parts += [model.forward_cached(idx[:, t:t + 1], cache, t) for t in range(5, 16)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), model.forward(idx), rtol=1e-12, atol=1e-12)
+
+
+def test_window_start_rule():
+    assert [window_start(n, 8, 1) for n in (1, 8, 9, 20)] == [0, 0, 1, 12]  # slide 1: the last 8
+    assert [window_start(n, 8, 4) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]
+    for n in range(1, 100):
+        s = window_start(n, 8, 3)
+        assert 0 <= n - s <= 8 and s % 3 == 0
+
+
+@pytest.mark.parametrize("slide", [1, 5, 16])
+def test_cached_generation_equals_full_recomputation_past_the_context(slide):
+    """Greedy, 80 new tokens with a 16-token context: the window slides many times."""
+    model = small_model()
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    cached = list(generate(model, prompt, 80, greedy=True, slide=slide))
+    full = list(generate(model, prompt, 80, greedy=True, slide=slide, cached=False))
+    assert cached == full and len(cached) == 80
+
+
+def test_cached_logits_equal_full_logits_every_step_at_full_size():
+    """The shipped shape (context 128), float32, 200 tokens: every step's logits agree."""
+    model = TinyLLM(Config(vocab_size=59), seed=1)
+    ids = list(np.random.default_rng(2).integers(0, 59, 200))
+    dc, df = Decoder(model), Decoder(model, cached=False)
+    for n in range(90, 200):
+        np.testing.assert_allclose(dc.logits(ids[:n]), df.logits(ids[:n]), rtol=1e-4, atol=1e-4)
+
+
+def test_original_rule_slide_1_recomputes_last_128():
+    model = small_model(context=8)
+    ids = list(range(1, 20))
+    np.testing.assert_allclose(Decoder(model, slide=1).logits(ids),
+                               model.forward(np.array([ids[-8:]]))[0, -1], rtol=1e-12)
+
+
+def test_prompt_longer_than_context():
+    model = small_model(context=8)
+    out = list(generate(model, list(range(20)), 5, greedy=True))
+    assert out == list(generate(model, list(range(20)), 5, greedy=True, cached=False))
+
+
+def test_sampling():
+    logits = np.array([0.0, 10.0, 0.0, 9.5])
+    assert sample(logits, greedy=True) == 1
+    rng = np.random.default_rng(0)
+    draws = [sample(logits, 1.0, top_k=2, rng=rng) for _ in range(300)]
+    assert set(draws) == {1, 3}  # top-k removes the rest
+    draws = [sample(logits, 0.05, rng=rng) for _ in range(50)]
+    assert set(draws) == {1}  # low temperature concentrates on the best
+    a = [sample(logits, 3.0, rng=np.random.default_rng(7)) for _ in range(5)]
+    b = [sample(logits, 3.0, rng=np.random.default_rng(7)) for _ in range(5)]
+    assert a == b
+    with pytest.raises(ValueError):
+        Decoder(small_model()).logits([])

@@ -1,0 +1,140 @@
+"""Training loop: loss goes down, checkpoints resume bit for bit, bad input gets one clear line."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tinyllm_np import TinyLLM
+from tinyllm_np import train as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "32", "--context", "16",
+        "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text("<|user|>hi<|bot|>hello there<|end|>\n<|user|>bye<|bot|>see you<|end|>\n" * 40, encoding="utf-8")
+    return p
+
+
+def run_args(tmp_path, data, *extra):
+    return ["--data", str(data), "--out", str(tmp_path / "w.npz"), "--checkpoint", str(tmp_path / "ck.npz"),
+            "--log", str(tmp_path / "log.csv"), "--plot", str(tmp_path / "loss.png"), *TINY, *extra]
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_training_run_lowers_the_loss(tmp_path, text_file):
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "150", "--lr", "1e-2", "--eval-every", "50")) == 0
+    rows = read_log(tmp_path / "log.csv")
+    assert len(rows) == 150
+    first = np.mean([float(r["train_loss"]) for r in rows[:10]])
+    last = np.mean([float(r["train_loss"]) for r in rows[-10:]])
+    assert last < 0.5 * first
+    vals = [float(r["val_loss"]) for r in rows if r["val_loss"]]
+    assert len(vals) == 3 and vals[-1] < vals[0]
+    model = TinyLLM.load(tmp_path / "w.npz")
+    assert model.chars == sorted(set(text_file.read_text()))
+    assert model.config.d_model == 16 and model.dtype == np.float32
+
+
+def test_resume_is_bitwise_identical(tmp_path, text_file):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--lr", "5e-3", "--warmup", "5", "--clip", "1.0", "--ckpt-every", "7"]  # constant lr: the total differs
+    assert T.main(run_args(a, text_file, "--max-steps", "30", *common)) == 0
+    assert T.main(run_args(b, text_file, "--max-steps", "12", *common)) == 0
+    # the second half: same command with --resume, as after an interruption at step 12
+    assert T.main(run_args(b, text_file, "--max-steps", "30", "--resume")) == 0
+    wa, wb = TinyLLM.load(a / "w.npz"), TinyLLM.load(b / "w.npz")
+    assert np.array_equal(wa.flat, wb.flat)
+    la = [r["train_loss"] for r in read_log(a / "log.csv")]
+    lb = [r["train_loss"] for r in read_log(b / "log.csv")]
+    assert la == lb and len(la) == 30
+
+
+def test_sigint_saves_checkpoint_and_resume_matches(tmp_path, text_file):
+    """A real SIGINT to a training subprocess; resumed run ends bitwise equal to an uninterrupted one."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["--max-steps", "400", "--ckpt-every", "1000", "--log-every", "1", "--schedule", "cosine", "--warmup", "10"]
+    assert T.main(run_args(full, text_file, *args)) == 0
+    cmd = [sys.executable, "-m", "tinyllm_np.train", *[a for a in run_args(cut, text_file, *args) if a != "--quiet"]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until training is under way
+        if line.startswith("step 20/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    assert not (cut / "w.npz").exists()
+    assert T.main(run_args(cut, text_file, *args, "--resume")) == 0
+    assert np.array_equal(TinyLLM.load(full / "w.npz").flat, TinyLLM.load(cut / "w.npz").flat)
+    assert [r["train_loss"] for r in read_log(full / "log.csv")] == [r["train_loss"] for r in read_log(cut / "log.csv")]
+
+
+def test_sigterm_saves_checkpoint_and_exits_0(tmp_path, text_file):
+    cmd = [sys.executable, "-m", "tinyllm_np.train",
+           *[a for a in run_args(tmp_path, text_file, "--max-steps", "100000", "--log-every", "1") if a != "--quiet"]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("step 5/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "SIGTERM" in err and "Traceback" not in err
+    TinyLLM.load(tmp_path / "ck.npz")  # a valid checkpoint
+
+
+def test_non_finite_loss_stops_with_step(tmp_path, text_file, capsys):
+    code = T.main(run_args(tmp_path, text_file, "--max-steps", "50", "--lr", "1e30", "--ckpt-every", "1"))
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite" in err and "at step" in err
+    TinyLLM.load(tmp_path / "ck.npz")  # the last good checkpoint is still loadable and finite
+
+
+def _cli(tmp_path, *args):
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr
+
+
+@pytest.mark.parametrize("content,flags,message", [
+    (None, [], "no such file"),
+    (b"", [], "file is empty"),
+    (b"\xff\xfe bad bytes", [], "not valid UTF-8"),
+    (b"too short", [], "fewer than --context"),
+    (b"x" * 1000, ["--lr", "-1"], "--lr must be a positive"),
+    (b"x" * 1000, ["--max-steps", "0"], "--max-steps must be positive"),
+    (b"x" * 1000, ["--batch-size", "0"], "--batch-size must be positive"),
+])
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, content, flags, message):
+    data = tmp_path / "d.txt"
+    if content is not None:
+        data.write_bytes(content)
+    code, err = _cli(tmp_path, *run_args(tmp_path, data, *flags))
+    assert code == 2 and message in err
+    assert err.count("\n") == 1 and err.startswith("train: error:") and "Traceback" not in err
+    assert not (tmp_path / "w.npz").exists()
+
+
+def test_resume_without_checkpoint(tmp_path, text_file):
+    code, err = _cli(tmp_path, *run_args(tmp_path, text_file, "--resume"))
+    assert code == 2 and "no checkpoint" in err
+
+
+def test_resume_refuses_other_data(tmp_path, text_file):
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "3")) == 0
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text() + "more", encoding="utf-8")
+    code, err = _cli(tmp_path, *run_args(tmp_path, other, "--resume"))
+    assert code == 2 and "different data" in err

@@ -1,0 +1,82 @@
+"""Text generation: sampling, a KV cache, and a sliding window past the context.
+
+    for tok in generate(model, prompt_ids, max_new_tokens=200, temperature=0.7, rng=rng):
+        ...                                            # one token id at a time (streaming)
+
+The model sees at most ``context`` (128) tokens.  For text of n tokens the window
+starts at ``window_start(n)``: 0 while the text fits, afterwards a multiple of
+``slide`` chosen so that at most ``context`` tokens remain.  With slide=1 this is
+the original TinyLLM's rule (always the last 128 characters).  A larger slide
+lets the KV cache work: the window stays put for ``slide`` tokens, each costing one
+cached step, and only a jump re-runs the window (one batched "prefill").
+Cached and uncached generation follow the same rule, so they give the same text.
+"""
+
+import numpy as np
+
+
+def window_start(n, context, slide):
+    """First token of the window for a text of n tokens (see the module docstring)."""
+    if n <= context:
+        return 0
+    return -(-(n - context) // slide) * slide  # ceil((n - context) / slide) * slide
+
+
+def sample(logits, temperature=0.7, top_k=None, greedy=False, rng=None):
+    """Pick a token id from a (V,) row of logits.
+
+    greedy: argmax.  Otherwise softmax(logits / temperature), restricted to the
+    top_k most likely tokens if given, and one draw from it.
+    """
+    if greedy or temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    cdf = np.cumsum(p)
+    r = (rng if rng is not None else np.random.default_rng()).random() * cdf[-1]
+    return int(min(np.searchsorted(cdf, r, side="right"), z.size - 1))
+
+
+class Decoder:
+    """Next-token logits for a growing token list, with a KV cache (or full recomputation)."""
+
+    def __init__(self, model, slide=None, cached=True):
+        self.model = model
+        self.context = model.config.context
+        self.slide = slide if slide is not None else max(1, self.context // 4)
+        if not 1 <= self.slide <= self.context:
+            raise ValueError(f"slide must be between 1 and the context ({self.context})")
+        self.cached = cached
+        self.cache = model.new_kv_cache() if cached else None
+        self.start = 0  # first token of the window
+        self.done = 0  # tokens whose keys/values are in the cache (cached mode), relative to start
+
+    def logits(self, ids):
+        """Logits (V,) predicting the token after ids (a list of all tokens so far)."""
+        n = len(ids)
+        if n == 0:
+            raise ValueError("generation needs at least one prompt token")
+        start = window_start(n, self.context, self.slide)
+        if not self.cached:
+            window = np.asarray(ids[start:n], dtype=np.int64)[None]
+            return self.model.forward(window)[0, -1]
+        if start != self.start or self.done > n - start:
+            self.start, self.done = start, 0  # the window moved (or the text changed): prefill again
+        new = np.asarray(ids[start + self.done:n], dtype=np.int64)[None]  # (1,Tn) not yet cached
+        out = self.model.forward_cached(new, self.cache, self.done)
+        self.done = n - start
+        return out[0, -1]
+
+
+def generate(model, prompt_ids, max_new_tokens=200, temperature=0.7, top_k=None, greedy=False,
+             rng=None, slide=None, cached=True):
+    """Yield up to max_new_tokens sampled token ids, one at a time."""
+    ids = [int(i) for i in prompt_ids]
+    dec = Decoder(model, slide=slide, cached=cached)
+    for _ in range(max_new_tokens):
+        tok = sample(dec.logits(ids), temperature, top_k, greedy, rng)
+        ids.append(tok)
+        yield tok
