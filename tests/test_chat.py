@@ -1,0 +1,89 @@
+"""Chat: the shipped weights give the original's answers; the REPL and --prompt behave."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinyllm_np import TinyLLM
+from tinyllm_np.chat import ChatSession, StopFilter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(ROOT, "weights", "tinyllm.npz")
+
+EXAMPLES = [
+    ("Hello!", "Hi there! How can I help you today?"),
+    ("What is AI?", "AI stands for Artificial Intelligence. It refers to computer systems designed to perform "
+                    "tasks that typically require human intelligence."),
+    ("Tell me a joke", "Why did the computer go to the doctor? Because it had a virus!"),
+]
+
+
+def chat(*args, stdin=None):
+    r = subprocess.run([sys.executable, "chat.py", *args], cwd=ROOT, input=stdin, capture_output=True,
+                       timeout=120)
+    return r.returncode, r.stdout.decode("utf-8"), r.stderr.decode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return TinyLLM.load(WEIGHTS)
+
+
+def test_shipped_weights_are_the_original_size(shipped):
+    assert shipped.n_params == 626_560 and shipped.dtype == np.float32 and len(shipped.chars) == 59
+
+
+@pytest.mark.parametrize("prompt,answer", EXAMPLES)
+def test_prompt_greedy_gives_the_originals_answer(prompt, answer):
+    code, out, err = chat("--prompt", prompt, "--greedy")
+    assert code == 0, err
+    assert out == answer + "\n"
+
+
+def test_sampled_answers_at_default_temperature(shipped):
+    session = ChatSession(shipped, temperature=0.7, seed=0)
+    got = [session.reply("Hello!") for _ in range(5)]
+    assert got.count("Hi there! How can I help you today?") >= 4
+
+
+def test_unseen_phrasings_get_the_right_answer(shipped):
+    session = ChatSession(shipped, greedy=True)
+    assert session.reply("hello there bot") == "Hi there! How can I help you today?"
+    session.reset()
+    assert session.reply("so what is ai") == EXAMPLES[1][1]
+
+
+def test_out_of_vocabulary_characters_are_dropped_with_a_notice():
+    code, out, err = chat("--prompt", "Hello!\U0001F600\u00e9", "--greedy")
+    assert code == 0 and out == "Hi there! How can I help you today?\n"
+    assert "dropped 2 character(s)" in err and "Traceback" not in err
+
+
+def test_piped_multi_turn_session_with_commands():
+    code, out, err = chat("--greedy", stdin="Hello!\n/help\n\n   \n/reset\nTell me a joke\n/quit\nignored\n".encode())
+    assert code == 0, err
+    assert out.splitlines() == [EXAMPLES[0][1], EXAMPLES[2][1]]
+    assert "/reset" in err and "conversation cleared" in err
+
+
+def test_history_is_kept_and_trimmed_oldest_first(shipped):
+    s = ChatSession(shipped, greedy=True)
+    s.history = [("a" * 10, "b" * 10), ("c" * 10, "d" * 10), ("e" * 10, "f" * 10)]
+    p = s.prompt("Hello!")
+    assert p.endswith("<|user|>Hello!<|bot|>") and len(p) <= s.context - s.reserve
+    assert "eeee" in p and "aaaa" not in p  # the newest exchange stays, the oldest goes first
+
+
+def test_stop_filter_holds_back_markers():
+    f = StopFilter()
+    shown = "".join(f.feed(c) for c in "Hi <there> <|en")
+    assert shown == "Hi <there> " and not f.stopped
+    assert f.feed("d") == "" and f.feed("|") == "" and f.feed(">") == "" and f.stopped
+
+
+def test_bad_weights_path_is_one_line_error(tmp_path):
+    code, out, err = chat("--weights", str(tmp_path / "nope.npz"), "--prompt", "hi")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "no such file" in err

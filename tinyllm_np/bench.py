@@ -1,0 +1,199 @@
+"""Benchmark: training step, matmul peak, generation speed, memory; PyTorch side by side if installed.
+
+    python -m tinyllm_np.bench                 # the full run (about a minute)
+    python -m tinyllm_np.bench --steps 5 --no-torch
+
+Everything is measured in this one run on this machine: the float32 matmul
+peak, the training step at the original's configuration (B=32, T=128, AdamW,
+dropout 0.1 and 0), generation with the KV cache, and, when PyTorch is
+installed, the identical model and step in PyTorch.
+"""
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .generate import Decoder, sample
+from .model import Config, TinyLLM
+from .optim import AdamW
+
+
+def median_time(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(n=2048, repeats=5):
+    """Best float32 GFLOP/s of an n x n matmul (2 n^3 flops)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), np.float32)
+    np.matmul(a, b, out=out)
+    best = min(_timed(lambda: np.matmul(a, b, out=out)) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_flops(cfg, B, T):
+    """Matmul flops of one training step: forward, plus twice that for the backward.
+
+    Per token and layer: QKV 2*C*3C, scores 2*T*C, A@V 2*T*C, out proj 2*C*C,
+    FFN 2 * 2*C*F; then the head 2*C*V.  (The full T x T scores are computed,
+    as in the code, though the causal mask hides half of them.)
+    """
+    C, F, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+    per_token = L * (6 * C * C + 4 * T * C + 2 * C * C + 4 * C * F) + 2 * C * V
+    return 3 * per_token * B * T
+
+
+def bench_numpy_step(cfg, B, T, steps, seed=0):
+    model = TinyLLM(cfg, seed=seed)
+    opt = AdamW(model.params, lr=3e-3, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, cfg.vocab_size, (B, T))
+    y = rng.integers(0, cfg.vocab_size, (B, T))
+
+    def step():
+        _, grads = model.loss_and_grads(x, y, train=True)
+        opt.step(grads)
+
+    return median_time(step, steps)
+
+
+def bench_torch_step(cfg, B, T, steps, seed=0):
+    import torch
+
+    from .torch_ref import from_numpy
+
+    tm = from_numpy(TinyLLM(cfg, seed=seed)).train()
+    opt = torch.optim.AdamW(tm.parameters(), lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(tm(x).reshape(-1, cfg.vocab_size), y.reshape(-1))
+        loss.backward()
+        opt.step()
+
+    return median_time(step, steps)
+
+
+def bench_generation(model, prompt_len, n_chars, seed=0):
+    """(chars/s over n_chars sampled tokens, seconds to the first token) with the KV cache."""
+    rng = np.random.default_rng(seed)
+    ids = list(rng.integers(0, model.config.vocab_size, prompt_len))
+    dec = Decoder(model)
+    t0 = time.perf_counter()
+    ids.append(sample(dec.logits(ids), 0.7, rng=rng))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(n_chars):
+        ids.append(sample(dec.logits(ids), 0.7, rng=rng))
+    return n_chars / (time.perf_counter() - t0), first
+
+
+def bench_torch_generation(model, prompt_len, n_chars, seed=0):
+    """The original's method: the whole last-128 window recomputed for every character."""
+    import torch
+
+    from .torch_ref import from_numpy
+
+    tm = from_numpy(model).eval()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
+    T = model.config.context
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(n_chars):
+            logits = tm(ids[:, -T:])[0, -1] / 0.7
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+            ids = torch.cat([ids, nxt[None]], dim=1)
+    return n_chars / (time.perf_counter() - t0)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tinyllm_np.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
+    ap.add_argument("--gen-chars", type=int, default=500, help="characters generated per generation test")
+    ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.gen_chars < 1:
+        print("bench: error: --steps and --gen-chars must be positive", file=sys.stderr)
+        return 2
+    B, T = 32, 128
+    print(f"machine: {machine()}")
+    peak = matmul_peak()
+    print(f"float32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
+    rows = []
+    flops = step_flops(Config(vocab_size=59), B, T)
+    for p in (0.1, 0.0):
+        cfg = Config(vocab_size=59, dropout=p)
+        t = bench_numpy_step(cfg, B, T, args.steps)
+        rows.append((p, t))
+        print(f"numpy training step, dropout {p}: {t * 1e3:.1f} ms  ({B * T / t:,.0f} tokens/s, "
+              f"{flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / 1e9 / peak:.0f}% of peak; "
+              f"{flops / 1e9:.1f} GFLOP/step)")
+    train_rss = peak_rss_mb()
+    print(f"peak RSS after the training steps: {train_rss:.0f} MB")
+    model = TinyLLM(Config(vocab_size=59), seed=0)
+    gen = {}
+    for plen in (8, 128):
+        cps, first = bench_generation(model, plen, args.gen_chars)
+        gen[plen] = cps
+        print(f"generation, {plen}-char prompt, KV cache: {cps:,.0f} chars/s, first char after {first * 1e3:.1f} ms")
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            print("PyTorch: not installed; no comparison (pip install torch to add it)")
+    if torch is not None:
+        print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads:")
+        for p, t in rows:
+            tt = bench_torch_step(Config(vocab_size=59, dropout=p), B, T, args.steps)
+            print(f"torch training step, dropout {p}: {tt * 1e3:.1f} ms; numpy/torch time ratio {t / tt:.2f}")
+        tg = bench_torch_generation(model, 8, min(args.gen_chars, 300))
+        print(f"torch generation (original method, window recomputed per char): {tg:,.0f} chars/s; "
+              f"numpy KV cache is {gen[8] / tg:.1f}x faster")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
