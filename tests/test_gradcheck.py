@@ -51,13 +51,14 @@ def _layernorm_backward_no_var_term(dout, cache):
 
 def _attention_backward_no_softmax_sum(dout, cache):
     """Treats softmax as elementwise: dS = A * dA, dropping the row-sum term."""
-    qkv_cache, q, k, v, att, att_d, drop_cache, out_cache, scale, H = cache
+    qkv_cache, q, k, v, att, drop_cache, out_cache, scale, H = cache
+    att_d = L.dropout_backward(att, drop_cache)
     B, _, T, D = q.shape
     dy, dw_out, db_out = L.linear_backward(dout, out_cache)
     dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)
-    datt = L.dropout_backward(dy @ v.transpose(0, 1, 3, 2), drop_cache) * att * scale
-    dv = att_d.transpose(0, 1, 3, 2) @ dy
-    dqkv = np.stack((datt @ k, datt.transpose(0, 1, 3, 2) @ q, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)
+    datt = L.dropout_backward(dy @ v.transpose(0, 1, 3, 2), drop_cache) * att  # missing: - sum(dA * A)
+    dq, dk, dv = (datt @ k) * scale, datt.transpose(0, 1, 3, 2) @ q, att_d.transpose(0, 1, 3, 2) @ dy
+    dqkv = np.stack((dq, dk, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)
     dx, dw_in, db_in = L.linear_backward(dqkv, qkv_cache)
     return dx, dw_in, db_in, dw_out, db_out
 

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from .alloc import reuse_freed_memory
 from .generate import Decoder, sample
 from .model import Config, TinyLLM
 from .optim import AdamW
@@ -153,12 +154,18 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
     ap.add_argument("--gen-chars", type=int, default=500, help="characters generated per generation test")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's allocator settings alone (to see what reuse_freed_memory buys)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.gen_chars < 1:
         print("bench: error: --steps and --gen-chars must be positive", file=sys.stderr)
         return 2
     B, T = 32, 128
     print(f"machine: {machine()}")
+    if args.default_malloc:
+        print("allocator: glibc defaults (--default-malloc)")
+    else:
+        print(f"allocator: freed memory kept for reuse (alloc.reuse_freed_memory): {reuse_freed_memory()}")
     peak = matmul_peak()
     print(f"float32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
     rows = []

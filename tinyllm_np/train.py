@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from .alloc import reuse_freed_memory
 from .model import Config, TinyLLM, WeightsError
 from .optim import AdamW, clip_grad_norm, lr_at
 from .tokenizer import CharTokenizer
@@ -284,6 +285,7 @@ class StopRequest:
 
 def train(args):
     validate_args(args)
+    reuse_freed_memory()  # about a quarter faster per step on glibc; see alloc.py
     text = read_text(args.data)
     train_text, val_text = split_text(text, args.val_frac)
     T, B = args.context, args.batch_size
