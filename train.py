@@ -2,7 +2,10 @@
 """Train TinyLLM in NumPy: `python train.py --help`.  Same as the `tinyllm-train` command."""
 import sys
 
-from tinyllm_np.train import main
+try:
+    from tinyllm_np.train import main
+except KeyboardInterrupt:  # Ctrl-C while NumPy is still importing
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

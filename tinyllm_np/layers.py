@@ -283,7 +283,8 @@ def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_ca
     v_cache[:, :, pos:end] = v
     att = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B,H,Tn,D) @ (B,H,D,end) -> (B,H,Tn,end)
     att *= x.dtype.type(1.0 / np.sqrt(D))
-    att += causal_mask(end, x.dtype)[pos:end]  # rows of the full mask for these query positions
+    if Tn > 1:  # a single new token is the last position: it may see every cached one
+        att += causal_mask(end, x.dtype)[pos:end]  # rows of the full mask for these query positions
     y = softmax(att) @ v_cache[:, :, :end]  # (B,H,Tn,end) @ (B,H,end,D) -> (B,H,Tn,D)
     y = y.transpose(0, 2, 1, 3).reshape(B, Tn, C)
     return linear_forward(y, w_out, b_out)[0]

@@ -153,16 +153,13 @@ class TinyLLM:
         cfg, p, q = self.config, self.params, f"layers.{i}."
         pd = cfg.dropout if rng is not None else 0.0
 
+        w_attn = (p[q + "self_attn.in_proj_weight"], p[q + "self_attn.in_proj_bias"],
+                  p[q + "self_attn.out_proj.weight"], p[q + "self_attn.out_proj.bias"])
+
         def attn(h):
             if kv is not None:
-                return L.attention_cached_forward(
-                    h, p[q + "self_attn.in_proj_weight"], p[q + "self_attn.in_proj_bias"],
-                    p[q + "self_attn.out_proj.weight"], p[q + "self_attn.out_proj.bias"],
-                    cfg.n_heads, *kv), None
-            a, ca = L.attention_forward(
-                h, p[q + "self_attn.in_proj_weight"], p[q + "self_attn.in_proj_bias"],
-                p[q + "self_attn.out_proj.weight"], p[q + "self_attn.out_proj.bias"],
-                cfg.n_heads, pd, rng)
+                return L.attention_cached_forward(h, *w_attn, cfg.n_heads, *kv), None
+            a, ca = L.attention_forward(h, *w_attn, cfg.n_heads, pd, rng)
             a, cd = L.dropout_forward(a, pd, rng)  # dropout1
             return a, (ca, cd)
 

@@ -293,6 +293,9 @@ def train(args):
         if len(part) < T + 2:
             raise TrainError(f"{args.data}: the {name} part has {len(part)} characters, fewer than "
                              f"--context {T} + 2; use a longer text, a smaller --context or another --val-frac")
+    if B * (T + 1) > len(train_text):
+        raise TrainError(f"{args.data}: one batch needs {B} x {T + 1} characters but the training part has only "
+                         f"{len(train_text)}; use a smaller --batch-size or --context")
     fingerprint = data_fingerprint(text)
 
     if args.resume:
