@@ -151,7 +151,7 @@ def machine():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tinyllm_np.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (median)")
     ap.add_argument("--gen-chars", type=int, default=500, help="characters generated per generation test")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     ap.add_argument("--default-malloc", action="store_true",

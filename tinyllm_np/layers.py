@@ -51,7 +51,7 @@ def linear_forward(x, w, b=None):
 
     (..., in) -> (..., out); the matmul runs on the flattened (N, in) view.
     """
-    y = x.reshape(-1, x.shape[-1]) @ w.T  # (N,in) @ (in,out) -> (N,out)
+    y = np.dot(x.reshape(-1, x.shape[-1]), w.T)  # (N,in) @ (in,out) -> (N,out); np.dot: least call overhead
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[0]), (x, w, b is not None)
@@ -70,8 +70,8 @@ def linear_backward(dout, cache):
     x, w, has_bias = cache
     d2 = dout.reshape(-1, dout.shape[-1])  # (N,out)
     x2 = x.reshape(-1, x.shape[-1])  # (N,in)
-    dx = (d2 @ w).reshape(x.shape)
-    dw = d2.T @ x2
+    dx = np.dot(d2, w).reshape(x.shape)
+    dw = np.dot(d2.T, x2)
     db = d2.sum(axis=0) if has_bias else None
     return dx, dw, db
 
@@ -87,8 +87,10 @@ def layernorm_forward(x, w, b, eps=LN_EPS):
         y    = w * xhat + b
     """
     C = x.shape[-1]
-    xhat = x - x.sum(axis=-1, keepdims=True) / C  # x - mu  (sum / C: less call overhead than mean)
-    var = np.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # mean((x - mu)^2), no (..,C) temporary
+    # np.add.reduce(...) / C is mean() without its Python wrapper: generation calls this on
+    # one token at a time, where call overhead is most of the cost
+    xhat = x - np.add.reduce(x, axis=-1, keepdims=True) / C  # x - mu
+    var = np.add.reduce(xhat * xhat, axis=-1, keepdims=True) / C  # mean((x - mu)^2)
     rstd = 1.0 / np.sqrt(var + eps)
     xhat *= rstd
     y = xhat * w
