@@ -71,3 +71,9 @@ def test_tokenizer_unknown_characters():
     assert tok.unknown("xay") == ["x", "y"]
     with pytest.raises(ValueError):
         CharTokenizer(["a", "a"])
+
+
+def test_module_command_bad_input(tmp_path, capsys):
+    assert dataset.main(["--out", str(tmp_path / "d.txt"), "--dialogues", "5"]) == 2
+    assert capsys.readouterr().err.startswith("dataset: error: need at least")
+    assert not (tmp_path / "d.txt").exists()

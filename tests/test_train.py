@@ -138,3 +138,35 @@ def test_resume_refuses_other_data(tmp_path, text_file):
     other.write_text(text_file.read_text() + "more", encoding="utf-8")
     code, err = _cli(tmp_path, *run_args(tmp_path, other, "--resume"))
     assert code == 2 and "different data" in err
+
+
+def test_batch_larger_than_the_text(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("abcdefgh\n" * 30, encoding="utf-8")  # 270 characters, 243 for training
+    code, err = _cli(tmp_path, *run_args(tmp_path, data, "--batch-size", "64"))
+    assert code == 2 and "one batch needs 64 x 17 characters" in err and err.count("\n") == 1
+
+
+def test_unwritable_output_is_refused_before_training(tmp_path, text_file):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _cli(tmp_path, *run_args(tmp_path, text_file), "--out", str(blocker / "w.npz"))
+    assert code == 2 and "--out" in err and "cannot write" in err and err.count("\n") == 1
+    assert not (tmp_path / "log.csv").exists()
+
+
+def test_damaged_checkpoint_on_resume(tmp_path, text_file):
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "3")) == 0
+    ck = tmp_path / "ck.npz"
+    ck.write_bytes(ck.read_bytes()[:200])
+    code, err = _cli(tmp_path, *run_args(tmp_path, text_file, "--resume"))
+    assert code == 2 and err.startswith("train: error: cannot resume:") and err.count("\n") == 1
+    (tmp_path / "w.npz").replace(ck)  # weights without training state are not a checkpoint
+    code, err = _cli(tmp_path, *run_args(tmp_path, text_file, "--resume"))
+    assert code == 2 and "not a training checkpoint" in err
+
+
+def test_loss_curve_png_when_matplotlib_is_installed(tmp_path, text_file):
+    pytest.importorskip("matplotlib")
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "20", "--eval-every", "10")) == 0
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

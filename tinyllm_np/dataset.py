@@ -21,6 +21,8 @@ import os
 import random
 import sys
 
+from .fileio import atomic_write_bytes
+
 USER, BOT, END = "<|user|>", "<|bot|>", "<|end|>"
 
 ALPHABET = (
@@ -267,10 +269,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dialogues", type=int, default=11_500)
     args = ap.parse_args(argv)
-    text = generate(args.seed, args.dialogues)
-    from .fileio import atomic_write_bytes
-
-    atomic_write_bytes(args.out, text.encode("utf-8"))
+    try:
+        text = generate(args.seed, args.dialogues)
+        atomic_write_bytes(args.out, text.encode("utf-8"))
+    except (ValueError, OSError) as e:
+        print(f"dataset: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: {len(text.encode('utf-8')):,} bytes, {args.dialogues:,} exchanges, "
           f"{len(set(text))} distinct characters", file=sys.stderr)
     return 0

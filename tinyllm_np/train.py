@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -108,6 +109,19 @@ def validate_args(args):
             raise TrainError(f"--{name.replace('_', '-')} must be positive")
     if args.d_model % args.n_heads:
         raise TrainError(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
+
+
+def check_writable(path, what):
+    """Fail before training if ``path`` cannot be written (its folder is made if missing)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise TrainError(f"{what} {path}: cannot write there ({e.strerror})") from None
+    if os.path.isdir(path):
+        raise TrainError(f"{what} {path}: is a directory")
 
 
 def read_text(path):
@@ -285,6 +299,8 @@ class StopRequest:
 
 def train(args):
     validate_args(args)
+    for path, what in ((args.out, "--out"), (args.checkpoint, "--checkpoint"), (args.log, "--log")):
+        check_writable(path, what)
     reuse_freed_memory()  # about a quarter faster per step on glibc; see alloc.py
     text = read_text(args.data)
     train_text, val_text = split_text(text, args.val_frac)
@@ -409,6 +425,9 @@ def main(argv=None):
         return train(args)
     except TrainError as e:
         print(f"train: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:  # e.g. the disk filled up while saving; the previous file is intact
+        print(f"train: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("\ntrain: interrupted", file=sys.stderr)
