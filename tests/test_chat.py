@@ -87,3 +87,9 @@ def test_stop_filter_holds_back_markers():
 def test_bad_weights_path_is_one_line_error(tmp_path):
     code, out, err = chat("--weights", str(tmp_path / "nope.npz"), "--prompt", "hi")
     assert code == 2 and out == "" and err.count("\n") == 1 and "no such file" in err
+
+
+def test_readme_conversation_in_one_session():
+    """The README's transcript: the three examples in one conversation, history kept."""
+    code, out, err = chat("--greedy", stdin="\n".join(q for q, _ in EXAMPLES).encode() + b"\n")
+    assert code == 0 and out.splitlines() == [a for _, a in EXAMPLES]
