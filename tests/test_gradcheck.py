@@ -15,7 +15,8 @@ def test_layer_gradients_match_finite_differences(name):
     errors = gc.CASES[name]()
     assert errors, "the check compared nothing"
     for param, err in errors.items():
-        assert err < gc.TOLERANCE, f"{name}/{param}: relative error {err:.2e}"
+        assert err.ok and err.rel < gc.TOLERANCE, f"{name}/{param}: relative error {err.rel:.2e}"
+        assert err.max_entry < 1e-4, f"{name}/{param}: max per-entry relative error {err.max_entry:.2e}"
 
 
 @pytest.mark.parametrize("name", MODEL_CASES)
@@ -23,12 +24,13 @@ def test_model_gradients_match_finite_differences(name):
     errors = gc.CASES[name]()
     assert len(errors) == len(gc.Config(**gc.SMALL).param_shapes())  # every parameter checked
     for param, err in errors.items():
-        assert err < gc.TOLERANCE, f"{name}/{param}: relative error {err:.2e}"
+        assert err.ok and err.rel < gc.TOLERANCE, f"{name}/{param}: relative error {err.rel:.2e}"
+        assert err.max_entry < 1e-4, f"{name}/{param}: max per-entry relative error {err.max_entry:.2e}"
 
 
 def test_model_gradients_without_dropout():
     for param, err in gc.check_model(dropout=False, seed=3).items():
-        assert err < gc.TOLERANCE, f"{param}: relative error {err:.2e}"
+        assert err.rel < gc.TOLERANCE, f"{param}: relative error {err.rel:.2e}"
 
 
 def test_numeric_grad_of_known_function():
@@ -36,6 +38,25 @@ def test_numeric_grad_of_known_function():
     g = gc.numeric_grad(lambda: float(np.sum(x ** 3)), x)
     np.testing.assert_allclose(g, 3 * x ** 2, rtol=1e-8)
     np.testing.assert_array_equal(x, [1.0, -2.0, 0.5])  # restored
+
+
+def test_max_entry_error_definition():
+    a = np.array([[1.0, -2.0], [0.5, 4.0]])
+    n = np.array([[1.1, -2.0], [0.5, 3.0]])
+    # per entry |a-n| / max(|a|+|n|, 1e-3 * 7.0): 0.1/2.1, 0, 0, 1/7
+    assert gc.max_entry_error(a, n) == pytest.approx(1 / 7)
+    assert gc.max_entry_error(a, -a) == pytest.approx(1.0)  # wrong sign everywhere: the maximum
+    assert gc.max_entry_error(np.zeros(3), np.zeros(3)) == 0.0
+
+
+def test_max_entry_error_ignores_gradients_that_are_zero_in_both():
+    """Entries that are rounding noise in both a and n must not report an error near 1."""
+    a = np.array([1.0, 1e-12, -2.0])
+    n = np.array([1.0, -1e-12, -2.0])  # the middle entry disagrees in sign, but both are ~0
+    assert gc.max_entry_error(a, n, floor=0.0) == pytest.approx(1.0)  # the naive definition: noise
+    assert gc.max_entry_error(a, n) < 1e-8  # floored at 1e-3 * 3
+    a[1], n[1] = 0.01, -0.01  # the same disagreement above the floor does count
+    assert gc.max_entry_error(a, n) == pytest.approx(1.0)
 
 
 # ------------------------------------------- a broken backward must be caught
@@ -70,37 +91,62 @@ def _gelu_backward_no_tanh_derivative(dout, cache):
 
 def test_check_catches_broken_layernorm_backward():
     errors = gc.case_layernorm(backward=_layernorm_backward_no_var_term)
-    assert errors["x"] > 1e-3
-    assert errors["weight"] < gc.TOLERANCE  # the untouched parts still agree
+    assert errors["x"].rel > 1e-3 and not errors["x"].ok
+    assert errors["x"].max_entry > 0.1
+    assert errors["weight"].ok and errors["weight"].max_entry < 1e-6  # the untouched parts still agree
 
 
 def test_check_catches_broken_attention_backward():
     errors = gc.case_attention(backward=_attention_backward_no_softmax_sum)
-    assert errors["x"] > 1e-3 and errors["in_proj_weight"] > 1e-3
-    assert errors["out_proj.weight"] < gc.TOLERANCE
+    assert errors["x"].rel > 1e-3 and errors["in_proj_weight"].rel > 1e-3
+    assert errors["x"].max_entry > 0.1 and errors["in_proj_weight"].max_entry > 0.1
+    assert errors["out_proj.weight"].rel < gc.TOLERANCE
 
 
 def test_check_catches_broken_gelu_backward():
-    assert gc.case_gelu(backward=_gelu_backward_no_tanh_derivative)["x"] > 1e-3
+    err = gc.case_gelu(backward=_gelu_backward_no_tanh_derivative)["x"]
+    assert err.rel > 1e-3 and err.max_entry > 0.1
 
 
 def test_model_check_catches_broken_layer(monkeypatch):
     monkeypatch.setattr(L, "layernorm_backward", lambda dout, cache: _layernorm_backward_no_var_term(dout, cache))
     errors = gc.check_model()
-    assert errors["tok_emb.weight"] > 1e-3  # the error reaches the bottom of the network
+    assert errors["tok_emb.weight"].rel > 1e-3  # the error reaches the bottom of the network
 
 
 def test_model_check_catches_wrong_dropout_mask(monkeypatch):
     """Backward that ignores the dropout mask must fail the whole-model check."""
     monkeypatch.setattr(L, "dropout_backward", lambda dout, cache: dout)
     errors = gc.check_model()
-    assert max(errors.values()) > 1e-3
+    assert max(e.rel for e in errors.values()) > 1e-3
+
+
+def _table(out):
+    """The header line and {(layer, parameter): (rel. error, max rel. error, verdict)} of the CLI table."""
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("layer "))
+    rows = {}
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] in gc.CASES:
+            assert len(fields) == 5, line
+            rows[fields[0], fields[1]] = (float(fields[2]), float(fields[3]), fields[4])
+            for col, value in zip(("rel. error", "max rel. error"), fields[2:4]):
+                end = header.index(col) + len(col)
+                assert line[:end].endswith(" " + value), (col, line)  # right-aligned under its header
+    return header, rows
 
 
 def test_cli_table_and_exit_code(capsys):
     assert gc.main(["--layer", "layernorm", "--layer", "relu"]) == 0
     out = capsys.readouterr().out
-    assert "layernorm" in out and "pass" in out and "FAIL" not in out
+    header, rows = _table(out)
+    assert header.split() == ["layer", "parameter", "rel.", "error", "max", "rel.", "error", "pass/fail"]
+    assert "max_i |a_i - n_i| / max(|a_i| + |n_i|, floor)" in out and "floor = 0.001 * max_j" in out
+    assert set(rows) == {("layernorm", "x"), ("layernorm", "weight"), ("layernorm", "bias"), ("relu", "x")}
+    for rel, max_entry, verdict in rows.values():
+        assert rel < gc.TOLERANCE and max_entry < 1e-4 and verdict == "pass"
+    assert "FAIL" not in out and "all 4 gradients pass" in out
     assert gc.main(["--layer", "nope"]) == 2
 
 
@@ -108,4 +154,9 @@ def test_cli_fails_on_broken_backward(monkeypatch, capsys):
     monkeypatch.setitem(gc.CASES, "layernorm",
                         lambda seed=0: gc.case_layernorm(seed, backward=_layernorm_backward_no_var_term))
     assert gc.main(["--layer", "layernorm"]) == 1
-    assert "FAIL" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    _, rows = _table(out)
+    rel, max_entry, verdict = rows["layernorm", "x"]
+    assert verdict == "FAIL" and rel > 1e-3 and max_entry > 0.1
+    assert rows["layernorm", "weight"][2] == "pass" and rows["layernorm", "weight"][1] < 1e-6
+    assert "1 of 3 gradients FAILED" in out

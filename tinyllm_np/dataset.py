@@ -7,9 +7,9 @@ Each line of the output is one exchange in the original format::
 
     <|user|>What is AI?<|bot|>AI stands for Artificial Intelligence. ...<|end|>
 
-Every intent below is asked in many phrasings; each phrasing also appears in
-lower case, without its final punctuation, and with common typos, so the model
-learns to map questions it has not seen word for word onto the right answer.
+Every intent below is asked in many phrasings (a few misspelled on purpose,
+as people type); each phrasing also appears in lower case and without its final
+punctuation, so the model learns to map questions it has not seen word for word onto the right answer.
 The answer to an intent is always the same text, which is what lets a
 626,560-parameter model answer reliably.  The output uses exactly the 59
 characters in ``ALPHABET`` and is the same bytes on every run (seeded

@@ -10,16 +10,32 @@ fed G, gives dL/dx.  Central differences give the same thing numerically:
 
     dL/dx[i] ~ (L(x + h e_i) - L(x - h e_i)) / (2h)      error O(h^2)
 
-Everything runs in float64 with h = 1e-6.  The relative error of a gradient is
+Everything runs in float64 with h = 1e-6.  Two errors are reported for each
+gradient array, with a = analytic (the hand-written backward) and n = numeric:
 
-    ||analytic - numeric||_2 / (||analytic||_2 + ||numeric||_2)
+* rel. error: norm-wise, over the whole array -- the pass/fail criterion:
 
-and a check passes below 1e-7.  Dropout is checked under a fixed mask: every
-evaluation draws its mask from a generator re-seeded to the same state.
+      ||a - n||_2 / (||a||_2 + ||n||_2)          pass below 1e-7
+
+* max rel. error: the largest per-entry relative error -- shown, not judged:
+
+      max_i |a_i - n_i| / max(|a_i| + |n_i|, floor),
+      floor = 1e-3 * max_j (|a_j| + |n_j|)
+
+  The floor keeps entries whose true gradient is ~0 (where a and n are both
+  rounding noise) from reporting a meaningless error near 1; an entry smaller
+  than 1/1000 of the array's largest is measured against that floor instead.
+  The value lies in [0, 1]: 0 is exact agreement, ~1 means some entry has the
+  wrong sign or is missing.  It points at a backward that is wrong in a few
+  entries only, which the norm-wise error can dilute.
+
+Dropout is checked under a fixed mask: every evaluation draws its mask from a
+generator re-seeded to the same state.
 """
 
 import argparse
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,7 +43,8 @@ from . import layers as L
 from .model import Config, TinyLLM
 
 H_STEP = 1e-6
-TOLERANCE = 1e-7
+TOLERANCE = 1e-7  # on the norm-wise relative error
+ENTRY_FLOOR = 1e-3  # per-entry denominators are at least this fraction of the array's largest |a| + |n|
 
 
 def numeric_grad(f, x, h=H_STEP):
@@ -49,16 +66,46 @@ def numeric_grad(f, x, h=H_STEP):
 
 
 def rel_error(a, b):
-    """||a - b|| / (||a|| + ||b||), 0 when both are zero."""
+    """||a - b|| / (||a|| + ||b||), 0 when both are zero.  The pass/fail criterion."""
     den = np.linalg.norm(a) + np.linalg.norm(b)
     return 0.0 if den == 0 else float(np.linalg.norm(a - b) / den)
+
+
+def max_entry_error(a, b, floor=ENTRY_FLOOR):
+    """max_i |a_i - b_i| / max(|a_i| + |b_i|, floor * max_j (|a_j| + |b_j|)), 0 when both are zero.
+
+    The largest per-entry relative error, with entries far below the array's
+    largest measured against a floor so that gradients that are ~0 in both a
+    and b (rounding noise) do not count.  Always in [0, 1].
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    size = np.abs(a) + np.abs(b)
+    top = size.max(initial=0.0)
+    if top == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b) / np.maximum(size, floor * top)))
+
+
+class GradError(NamedTuple):
+    """How far a hand-written gradient is from the numeric one (see the module docstring)."""
+
+    rel: float  # norm-wise relative error: the pass/fail criterion
+    max_entry: float  # largest per-entry relative error, floored: informational
+
+    @property
+    def ok(self):
+        return self.rel < TOLERANCE
+
+
+def compare(analytic, numeric):
+    return GradError(rel_error(analytic, numeric), max_entry_error(analytic, numeric))
 
 
 def check_op(forward, backward, arrays, seed=0):
     """Compare backward against finite differences for every array in ``arrays``.
 
     forward(arrays) -> (out, cache); backward(G, cache) -> {name: dL/d arrays[name]}.
-    Returns {name: relative error}.
+    Returns {name: GradError}.
     """
     out, cache = forward(arrays)
     G = np.random.default_rng(seed + 1).standard_normal(np.shape(out))
@@ -67,7 +114,7 @@ def check_op(forward, backward, arrays, seed=0):
     def loss():
         return float(np.sum(forward(arrays)[0] * G))
 
-    return {name: rel_error(analytic[name], numeric_grad(loss, arrays[name])) for name in analytic}
+    return {name: compare(analytic[name], numeric_grad(loss, arrays[name])) for name in analytic}
 
 
 # ------------------------------------------------------------------ cases
@@ -187,7 +234,7 @@ def check_model(norm_first=False, activation="relu", dropout=True, seed=0):
 
     _, grads = model.loss_and_grads(idx, targets, train=dropout, rng=drop_rng())
     loss = lambda: model.loss(idx, targets, train=dropout, rng=drop_rng())  # noqa: E731
-    return {name: rel_error(grads[name], numeric_grad(loss, p)) for name, p in model.params.items()}
+    return {name: compare(grads[name], numeric_grad(loss, p)) for name, p in model.params.items()}
 
 
 def _model_case(norm_first, activation):
@@ -227,15 +274,27 @@ def main(argv=None):
     if unknown:
         print(f"gradcheck: unknown check {unknown[0]!r}; choose from: {', '.join(CASES)}", file=sys.stderr)
         return 2
-    print(f"central differences, float64, h={H_STEP:g}; pass if relative error < {TOLERANCE:g}")
-    print(f"{'check':<22} {'gradient of':<36} {'rel. error':>10}  result")
-    failed = 0
+    print(f"Gradient checks: hand-written backward (a) vs central differences (n), float64, h = {H_STEP:g}")
+    print(f"  rel. error     = ||a - n|| / (||a|| + ||n||) over the whole array; pass if < {TOLERANCE:g}")
+    print("  max rel. error = max_i |a_i - n_i| / max(|a_i| + |n_i|, floor), per entry; shown, not judged")
+    print(f"                   floor = {ENTRY_FLOOR:g} * max_j (|a_j| + |n_j|): entries ~0 in both do not count")
+    print()
+    row = "{:<22} {:<36} {:>10} {:>14}  {}"
+    print(row.format("layer", "parameter", "rel. error", "max rel. error", "pass/fail"))
+    print(row.format("-" * 22, "-" * 36, "-" * 10, "-" * 14, "-" * 9))
+    n = failed = 0
+    worst_rel = worst_entry = 0.0
     for name in names:
         for param, err in CASES[name](seed=args.seed).items():
-            ok = err < TOLERANCE
-            failed += not ok
-            print(f"{name:<22} {param:<36} {err:>10.2e}  {'pass' if ok else 'FAIL'}")
-    print(f"{failed} failed" if failed else "all gradients match")
+            n += 1
+            failed += not err.ok
+            worst_rel, worst_entry = max(worst_rel, err.rel), max(worst_entry, err.max_entry)
+            print(row.format(name, param, f"{err.rel:.2e}", f"{err.max_entry:.2e}", "pass" if err.ok else "FAIL"),
+                  flush=True)
+    print()
+    verdict = f"{failed} of {n} gradients FAILED" if failed else f"all {n} gradients pass"
+    print(f"{verdict} (rel. error < {TOLERANCE:g}); largest rel. error {worst_rel:.2e}, "
+          f"largest max rel. error {worst_entry:.2e}")
     return 1 if failed else 0
 
 
