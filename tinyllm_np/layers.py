@@ -182,12 +182,15 @@ def dropout_forward(x, p, rng):
     times cheaper to draw than floats), dropping an entry when its bits fall
     below t = round(p * 65536).  The drop probability is then exactly t / 65536
     (0.100006 for p = 0.1) and the scale is 1 / (1 - t/65536), so E[y] = x holds
-    exactly.
+    exactly.  The bits are drawn as full-range 64-bit integers, each cut into
+    four 16-bit ones: a full-range draw is the generator's raw output, with no
+    bounding work, which halves the cost of drawing 16-bit integers directly.
     """
     if rng is None or p == 0.0:
         return x, None
     t = round(p * 65536)
-    keep = rng.integers(0, 65536, size=x.shape, dtype=np.uint16) >= t  # bool mask, 1 byte an entry
+    bits = rng.integers(0, 2 ** 64, size=-(-x.size // 4), dtype=np.uint64).view(np.uint16)
+    keep = bits[:x.size].reshape(x.shape) >= t  # bool mask, 1 byte an entry
     scale = x.dtype.type(65536 / (65536 - t))  # 1 / (1 - p)
     y = np.multiply(x, keep)
     y *= scale
