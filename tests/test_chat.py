@@ -93,3 +93,53 @@ def test_readme_conversation_in_one_session():
     """The README's transcript: the three examples in one conversation, history kept."""
     code, out, err = chat("--greedy", stdin="\n".join(q for q, _ in EXAMPLES).encode() + b"\n")
     assert code == 0 and out.splitlines() == [a for _, a in EXAMPLES]
+
+
+def test_slide_1_gives_the_known_answer():
+    code, out, err = chat("--prompt", "Hello!", "--greedy", "--slide", "1")
+    assert code == 0, err
+    assert out == EXAMPLES[0][1] + "\n"
+
+
+def test_slide_reaches_generation(monkeypatch, capsys):
+    """--slide goes through ChatSession to generate(); the default leaves generate's own (context // 2)."""
+    from tinyllm_np import chat as C
+
+    seen = []
+    real = C.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("slide"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "generate", spy)
+    long = "blah " * 40 + "Hello!"  # 200+ characters: the window has to move
+    assert C.main(["--prompt", long, "--greedy", "--slide", "1", "--max-new-tokens", "5"]) == 0
+    assert C.main(["--prompt", "Hello!", "--greedy", "--max-new-tokens", "5"]) == 0
+    assert seen == [1, None]
+    capsys.readouterr()
+
+
+def test_slide_1_is_the_always_last_128_window(shipped):
+    """slide=1 equals recomputing the last 128 characters for every character (the original's rule)."""
+    from tinyllm_np.generate import generate
+
+    message = "blah " * 30 + "Hello!"
+    session = ChatSession(shipped, greedy=True, slide=1, max_new_tokens=20)
+    ids = [int(i) for i in session.tok.encode(session.prompt(message))]
+    assert len(ids) > shipped.config.context + 20  # the window moves at every character
+    want = []
+    for _ in range(20):
+        window = np.asarray(ids[-shipped.config.context:])[None]
+        want.append(int(np.argmax(shipped.forward(window)[0, -1])))
+        ids.append(want[-1])
+    got = list(generate(shipped, session.tok.encode(session.prompt(message)), 20, greedy=True, slide=1))
+    assert got == want
+    assert session.reply(message) == "".join(session.tok.chars[t] for t in want).split("<|end|>")[0]
+
+
+@pytest.mark.parametrize("value", ["0", "129", "-3"])
+def test_bad_slide_is_one_line(value):
+    code, out, err = chat("--slide", value, "--prompt", "Hello!")
+    assert code == 2 and out == "" and err.startswith("chat: error: --slide must be between 1 and 128")
+    assert err.count("\n") == 1

@@ -206,10 +206,33 @@ def test_ctrl_c_while_waiting_for_input_exits_cleanly():
     assert proc.returncode == 0 and b"Traceback" not in err
 
 
+def _wait_until_chat_runs(proc, timeout=20):
+    """Wait until chat.py's own code runs (NumPy's extension is mapped), past Python's start-up.
+
+    A SIGINT during the interpreter's start-up (site, .pth files) is Python's business, not
+    chat.py's: it can end in "Fatal Python error: init_import_site" before any of our code runs.
+    """
+    maps = f"/proc/{proc.pid}/maps"
+    if not os.path.exists(maps):
+        time.sleep(0.3)  # no /proc: a conservative guess
+        return
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(maps) as f:
+                if "numpy" in f.read():
+                    return
+        except OSError:
+            return
+        time.sleep(0.002)
+
+
 def test_ctrl_c_at_any_moment_never_shows_a_traceback():
-    for delay in (0.05, 0.3, 1.0):
+    """From importing NumPy through loading the weights, waiting for input and replying."""
+    for delay in (0.0, 0.02, 0.1, 0.3, 1.0):
         proc = subprocess.Popen([sys.executable, "chat.py", "--greedy"], cwd=ROOT, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _wait_until_chat_runs(proc)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(b"Hello!\n" * 50, timeout=60)
@@ -220,3 +243,33 @@ def test_bad_chat_flags():
     for flags in (["--temperature", "-1"], ["--max-new-tokens", "0"], ["--top-k", "0"]):
         code, out, err = run(["chat.py", *flags, "--prompt", "hi"])
         assert code == 2 and err.startswith("chat: error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "abc"], "argument --temperature: invalid float value: 'abc'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--slide"], "argument --slide: expected one argument"),
+])
+def test_chat_argparse_errors_are_one_line(flags, message):
+    code, out, err = run(["chat.py", *flags, "--prompt", "hi"])
+    assert code == 2 and out == "" and err.startswith("chat: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_chat_help_still_works():
+    code, out, err = run(["chat.py", "--help"])
+    assert code == 0 and out.startswith("usage: chat.py") and "--slide" in out and err == ""
+
+
+@pytest.mark.parametrize("where", ["load", "session"])
+def test_ctrl_c_while_loading_exits_130_quietly(where, monkeypatch, capsys):
+    from tinyllm_np import chat as C
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C.TinyLLM, "load", interrupted) if where == "load" else \
+        monkeypatch.setattr(C, "ChatSession", interrupted)
+    assert C.main(["--prompt", "Hello!", "--greedy"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""

@@ -170,3 +170,117 @@ def test_loss_curve_png_when_matplotlib_is_installed(tmp_path, text_file):
     pytest.importorskip("matplotlib")
     assert T.main(run_args(tmp_path, text_file, "--max-steps", "20", "--eval-every", "10")) == 0
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------- reviewed defects (each test failed before its fix)
+
+def _main(argv):
+    """main()'s exit code, also when argparse exits."""
+    try:
+        return T.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_non_finite_parameters_are_never_saved(tmp_path, text_file, capsys):
+    """lr 1e39: the loss of step 1 is finite but its update overflows the float32 parameters."""
+    code = T.main(run_args(tmp_path, text_file, "--max-steps", "3", "--lr", "1e39", "--ckpt-every", "1"))
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite parameters" in err and "at step 1;" in err and err.count("\n") == 1
+    assert not (tmp_path / "ck.npz").exists() and not (tmp_path / "w.npz").exists()
+
+
+def test_blow_up_after_a_checkpoint_keeps_the_last_good_one(tmp_path, text_file, capsys, monkeypatch):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    assert T.main(run_args(good, text_file, "--max-steps", "2")) == 0
+
+    class BlowsUpAtStep3(T.AdamW):
+        def step(self, grads):
+            super().step(grads)
+            if self.t == 3:
+                self._flat[5] = np.inf
+
+    monkeypatch.setattr(T, "AdamW", BlowsUpAtStep3)
+    assert T.main(run_args(bad, text_file, "--max-steps", "10", "--ckpt-every", "1")) == 1
+    err = capsys.readouterr().err
+    assert "non-finite parameters" in err and "at step 3;" in err and "last good checkpoint is kept" in err
+    assert np.array_equal(TinyLLM.load(bad / "ck.npz").flat, TinyLLM.load(good / "w.npz").flat)  # step 2's
+    assert not (bad / "w.npz").exists()
+    assert len(read_log(bad / "log.csv")) == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "inf"], "--epochs must be a finite number"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--min-lr", "inf"], "--min-lr must be a finite number"),
+    (["--min-lr=-1e-4"], "--min-lr must be between 0 and --lr"),
+    (["--min-lr", "0.01"], "--min-lr must be between 0 and --lr"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["--clip", "inf"], "--clip must be a finite number"),
+])
+def test_non_finite_and_inconsistent_float_flags(tmp_path, text_file, flags, message, capsys):
+    assert T.main(run_args(tmp_path, text_file, *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "log.csv").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--schedule", "nope"], "argument --schedule: invalid choice: 'nope'"),
+])
+def test_argparse_errors_are_one_line(flags, message, capsys):
+    assert _main(flags) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("train: error: ") and message in err and err.count("\n") == 1
+
+
+def test_help_still_works(capsys):
+    assert _main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: train.py") and "--max-steps" in out
+
+
+def test_unwritable_plot_is_refused_before_training(tmp_path, text_file, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert T.main(run_args(tmp_path, text_file, "--plot", str(blocker / "loss.png"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train: error: --plot") and "cannot write" in err and err.count("\n") == 1
+    assert not (tmp_path / "log.csv").exists()
+
+
+def test_interrupted_log_rewrite_on_resume_keeps_the_log(tmp_path, text_file, monkeypatch):
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "6", "--ckpt-every", "3")) == 0
+    before = (tmp_path / "log.csv").read_bytes()
+
+    class InterruptedWriter(T.csv.DictWriter):
+        def writerows(self, rows):
+            super().writerows(list(rows)[:1])
+            raise KeyboardInterrupt  # Ctrl-C in the middle of rewriting the log
+
+    monkeypatch.setattr(T.csv, "DictWriter", InterruptedWriter)
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "9", "--resume")) == 130
+    assert (tmp_path / "log.csv").read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    monkeypatch.undo()
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "9", "--resume")) == 0
+    rows = read_log(tmp_path / "log.csv")
+    assert [r["step"] for r in rows] == [str(i) for i in range(1, 10)]
+    assert (tmp_path / "log.csv").read_bytes().startswith(before)
+
+
+def test_default_out_leaves_the_shipped_weights_alone(tmp_path, text_file, monkeypatch, capsys):
+    assert T.build_parser().get_default("out") == os.path.join("runs", "tinyllm.npz")
+    monkeypatch.chdir(tmp_path)
+    loud = [a for a in TINY if a != "--quiet"]
+    assert T.main(["--data", str(text_file), *loud, "--max-steps", "2"]) == 0
+    assert (tmp_path / "runs" / "tinyllm.npz").exists() and not (tmp_path / "weights").exists()
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "train: chat with it: python chat.py --weights runs/tinyllm.npz"
+    # text without the chat markers: a model that cannot chat gets no such hint
+    plain = tmp_path / "plain.txt"
+    plain.write_text("abcdefgh\n" * 100, encoding="utf-8")
+    assert T.main(["--data", str(plain), *loud, "--max-steps", "2", "--out", "w b.npz"]) == 0
+    assert (tmp_path / "w b.npz").exists() and "chat.py" not in capsys.readouterr().err

@@ -6,15 +6,17 @@
 Each exchange is written in the training format
 ``<|user|>message<|bot|>reply<|end|>`` (one per line); the model writes the reply
 until it produces ``<|end|>``.  Earlier exchanges stay in the prompt while they
-fit in the model's 128-character window, oldest dropped first.
+fit in the model's 128-character window, oldest dropped first.  Past 128
+characters the window slides (``--slide``, see generate.py): by 64 characters by
+default, by 1 for the original's always-the-last-128.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
+from .cli import EXIT_USAGE, OneLineParser
 from .generate import generate
 from .model import TinyLLM, WeightsError
 from .tokenizer import CharTokenizer
@@ -62,7 +64,8 @@ class StopFilter:
 class ChatSession:
     """Conversation state and the prompt it implies."""
 
-    def __init__(self, model, temperature=0.7, top_k=None, greedy=False, seed=None, max_new_tokens=300):
+    def __init__(self, model, temperature=0.7, top_k=None, greedy=False, seed=None, max_new_tokens=300,
+                 slide=None):
         if model.chars is None:
             raise WeightsError("the weights file has no vocabulary ('__chars__'); cannot chat with it")
         self.model = model
@@ -72,6 +75,7 @@ class ChatSession:
             raise WeightsError(f"the vocabulary lacks {''.join(missing)!r}, needed for the chat format")
         self.temperature, self.top_k, self.greedy = temperature, top_k, greedy
         self.max_new_tokens = max_new_tokens
+        self.slide = slide  # None: generate's default, context // 2
         self.rng = np.random.default_rng(seed)
         self.history = []  # (user, reply) pairs
         self.context = model.config.context
@@ -107,7 +111,7 @@ class ChatSession:
         parts = []
         try:
             for t in generate(self.model, ids, self.max_new_tokens, self.temperature, self.top_k,
-                              self.greedy, self.rng):
+                              self.greedy, self.rng, slide=self.slide):
                 piece = filt.feed(self.tok.chars[t])
                 if piece:
                     parts.append(piece)
@@ -126,7 +130,7 @@ class ChatSession:
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="chat.py", description="Chat with TinyLLM (NumPy).")
+    ap = OneLineParser(prog="chat.py", description="Chat with TinyLLM (NumPy).")
     ap.add_argument("--weights", default=None, help="weights .npz (default: weights/tinyllm.npz)")
     ap.add_argument("--prompt", default=None, help="answer this one message on stdout and exit")
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -134,6 +138,9 @@ def build_parser():
     ap.add_argument("--greedy", action="store_true", help="always take the most likely character")
     ap.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     ap.add_argument("--max-new-tokens", type=int, default=300)
+    ap.add_argument("--slide", type=int, default=None, metavar="N",
+                    help="past the context, move the window by N characters (1 to the context; default: "
+                         "context // 2 = 64; 1 is the original's always-the-last-128, slower)")
     return ap
 
 
@@ -213,7 +220,17 @@ def repl(session):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while loading the weights or setting up: leave quietly
+        return 130
+
+
+def _main(argv):
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line usage error (2)
+        return e.code
     try:
         sys.stdin.reconfigure(errors="replace")  # invalid UTF-8 becomes U+FFFD, then is dropped
     except (AttributeError, ValueError):
@@ -222,15 +239,20 @@ def main(argv=None):
                      ("--top-k", args.top_k is None or args.top_k > 0)):
         if not ok:
             _notice(f"chat: error: {name} must be {'>= 0' if name == '--temperature' else 'positive'}")
-            return 2
+            return EXIT_USAGE
     path = args.weights or default_weights()
     try:
         model = TinyLLM.load(path)
-        session = ChatSession(model, args.temperature, args.top_k, args.greedy, args.seed, args.max_new_tokens)
+        context = model.config.context
+        if args.slide is not None and not 1 <= args.slide <= context:
+            _notice(f"chat: error: --slide must be between 1 and {context} (the context), got {args.slide}")
+            return EXIT_USAGE
+        session = ChatSession(model, args.temperature, args.top_k, args.greedy, args.seed, args.max_new_tokens,
+                              slide=args.slide)
     except WeightsError as e:
         msg = str(e)
         _notice(f"chat: error: {msg if msg.startswith(path) else f'{path}: {msg}'}")
-        return 2
+        return EXIT_USAGE
     try:
         if args.prompt is not None:
             handle_message(session, args.prompt, tty=False)

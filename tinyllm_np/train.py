@@ -4,6 +4,9 @@
     python train.py --data my.txt --max-steps 200    # any UTF-8 text file
     python train.py --resume                         # continue from the last checkpoint
 
+The weights go to runs/tinyllm.npz; the shipped weights/tinyllm.npz is replaced
+only when asked for with --out weights/tinyllm.npz.
+
 One step draws B windows of T+1 characters at random positions of the training
 text; the first T characters are the input and the last T (shifted by one) the
 targets.  An epoch is as many steps as it takes to see as many target characters
@@ -15,12 +18,13 @@ Ctrl-C (SIGINT) or SIGTERM finish the current step, save a checkpoint and exit
 (130 for SIGINT, 0 for SIGTERM).
 """
 
-import argparse
 import csv
 import hashlib
+import io
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -29,6 +33,7 @@ import time
 import numpy as np
 
 from .alloc import reuse_freed_memory
+from .cli import OneLineParser
 from .model import Config, TinyLLM, WeightsError
 from .optim import AdamW, clip_grad_norm, lr_at
 from .tokenizer import CharTokenizer
@@ -36,22 +41,26 @@ from .weights import CHECKPOINT_KEYS, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
 
 EXIT_ERROR = 2
+CHAT_MARKERS = "<|user|><|bot|><|end|>"  # a model whose vocabulary lacks these cannot chat
 
 
 class TrainError(Exception):
     """A problem with the user's input; printed as one line, exit code 2."""
 
 
+
 def build_parser():
-    ap = argparse.ArgumentParser(prog="train.py", description="Train TinyLLM (NumPy) on a UTF-8 text file.")
+    ap = OneLineParser(prog="train.py", description="Train TinyLLM (NumPy) on a UTF-8 text file.")
     a = ap.add_argument
     a("--data", default="data/dialogue.txt", help="UTF-8 training text (default: %(default)s)")
-    a("--out", default="weights/tinyllm.npz", help="final weights file (default: %(default)s)")
+    a("--out", default=os.path.join("runs", "tinyllm.npz"),
+      help="final weights file (default: %(default)s; the shipped weights/tinyllm.npz is only "
+           "replaced if you name it)")
     a("--checkpoint", default="checkpoints/tinyllm_ckpt.npz", help="checkpoint file (default: %(default)s)")
     a("--resume", action="store_true", help="continue from --checkpoint")
     a("--ckpt-every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
     a("--log", default="runs/train_log.csv", help="CSV log of the losses (default: %(default)s)")
-    a("--plot", default="runs/loss.png", help="loss-curve PNG, written if matplotlib is installed")
+    a("--plot", default="runs/loss.png", help="loss-curve PNG, written if matplotlib is installed ('' for none)")
     g = ap.add_argument_group("recipe (defaults: the original TinyLLM)")
     g.add_argument("--epochs", type=float, default=8)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
@@ -83,10 +92,17 @@ def build_parser():
     return ap
 
 
+FLOAT_FLAGS = ("epochs", "lr", "min_lr", "weight_decay", "beta1", "beta2", "clip", "dropout", "val_frac")
+
+
 def validate_args(args):
+    for name in FLOAT_FLAGS:
+        value = getattr(args, name)
+        if not math.isfinite(value):
+            raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     checks = [
-        (args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}"),
-        (args.min_lr >= 0, f"--min-lr must be >= 0, got {args.min_lr}"),
+        (args.lr > 0, f"--lr must be a positive number, got {args.lr}"),
+        (0 <= args.min_lr <= args.lr, f"--min-lr must be between 0 and --lr ({args.lr}), got {args.min_lr}"),
         (args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
         (args.max_steps is None or args.max_steps > 0, f"--max-steps must be positive, got {args.max_steps}"),
         (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
@@ -237,18 +253,24 @@ LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "grad_norm", "eval_train_loss
 
 
 def open_log(path, resume_step):
-    """CSV log; on resume, rows past the checkpoint's step are dropped (they will be redone)."""
+    """CSV log, open for appending rows.
+
+    A new run starts it afresh; on resume, rows past the checkpoint's step are
+    dropped (they will be redone).  Either way the header and the kept rows are
+    written atomically (temp file + os.replace), so an interruption leaves the
+    old log whole.
+    """
     rows = []
     if resume_step is not None and os.path.exists(path):
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    f = open(path, "w", newline="")
-    w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    f.flush()
-    return f, w
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    f = open(path, "a", newline="", encoding="utf-8")
+    return f, csv.DictWriter(f, fieldnames=LOG_FIELDS)
 
 
 def plot_log(log_path, png_path):
@@ -285,6 +307,14 @@ def plot_log(log_path, png_path):
 
 # -------------------------------------------------------------------- main
 
+def blown_up(what, step, checkpoint):
+    """Report a non-finite loss, gradient or parameter; nothing more is saved.  Exit code 1."""
+    kept = (f"the last good checkpoint is kept at {checkpoint}" if os.path.exists(checkpoint)
+            else "no checkpoint was written yet")
+    print(f"train: error: non-finite {what} at step {step}; stopped, {kept}", file=sys.stderr, flush=True)
+    return 1
+
+
 class StopRequest:
     """Set by SIGINT/SIGTERM; the loop stops at the next step boundary."""
 
@@ -299,7 +329,10 @@ class StopRequest:
 
 def train(args):
     validate_args(args)
-    for path, what in ((args.out, "--out"), (args.checkpoint, "--checkpoint"), (args.log, "--log")):
+    outputs = [(args.out, "--out"), (args.checkpoint, "--checkpoint"), (args.log, "--log")]
+    if args.plot:
+        outputs.append((args.plot, "--plot"))
+    for path, what in outputs:
         check_writable(path, what)
     reuse_freed_memory()  # about a quarter faster per step on glibc; see alloc.py
     text = read_text(args.data)
@@ -378,13 +411,11 @@ def train(args):
                 loss, grads = model.loss_and_grads(x, y, train=True)
                 gnorm = clip_grad_norm(grads, args.clip if args.clip > 0 else math.inf)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                kept = (f"the last good checkpoint is kept at {args.checkpoint}" if os.path.exists(args.checkpoint)
-                        else "no checkpoint was written yet")
-                what = "loss" if not math.isfinite(loss) else "gradient"
-                print(f"train: error: non-finite {what} at step {step + 1}; stopped, {kept}",
-                      file=sys.stderr, flush=True)
-                return 1
-            opt.step(grads)
+                return blown_up("loss" if not math.isfinite(loss) else "gradient", step + 1, args.checkpoint)
+            with np.errstate(over="ignore", invalid="ignore"):
+                opt.step(grads)
+            if not np.isfinite(model.flat).all():  # e.g. a huge lr: never checkpoint or save these
+                return blown_up("parameters after the update", step + 1, args.checkpoint)
             step += 1
             dt = time.perf_counter() - t0
             recent = (recent + [dt])[-20:]
@@ -410,17 +441,22 @@ def train(args):
             return 130 if stop.signum == signal.SIGINT else 0
         model.save(args.out)
         progress.note(f"saved {args.out} after {step} steps ({time.perf_counter() - t_start:.0f} s this run)")
+        if not set(CHAT_MARKERS) - set(tok.chars):
+            progress.note(f"train: chat with it: python chat.py --weights {shlex.quote(args.out)}")
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         log_f.close()
-    if plot_log(args.log, args.plot):
+    if args.plot and plot_log(args.log, args.plot):
         progress.note(f"loss curve: {args.plot}")
     return 0
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line usage error (2)
+        return e.code
     try:
         return train(args)
     except TrainError as e:

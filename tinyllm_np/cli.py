@@ -1,0 +1,16 @@
+"""What the command-line tools share: usage errors as one line."""
+
+import argparse
+
+EXIT_USAGE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, ``<prog>: error: <message>``, and exit code 2.
+
+    (argparse's default prints the whole usage block first.)  --help is unchanged.
+    """
+
+    def error(self, message):
+        name = self.prog[:-3] if self.prog.endswith(".py") else self.prog
+        self.exit(EXIT_USAGE, f"{name}: error: {message}\n")
