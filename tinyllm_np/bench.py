@@ -23,6 +23,7 @@ from .alloc import reuse_freed_memory
 from .generate import Decoder, sample
 from .model import Config, TinyLLM
 from .optim import AdamW
+from .parallel import DataParallel, blas_threads
 
 
 def median_time(fn, repeats, warmup=2):
@@ -65,18 +66,20 @@ def step_flops(cfg, B, T):
     return 3 * per_token * B * T
 
 
-def bench_numpy_step(cfg, B, T, steps, seed=0):
+def bench_numpy_step(cfg, B, T, steps, workers, seed=0):
+    """Median seconds of a training step as train.py runs it: the batch split over ``workers`` threads."""
     model = TinyLLM(cfg, seed=seed)
     opt = AdamW(model.params, lr=3e-3, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     x = rng.integers(0, cfg.vocab_size, (B, T))
     y = rng.integers(0, cfg.vocab_size, (B, T))
+    with DataParallel(model, workers) as dp:
 
-    def step():
-        _, grads = model.loss_and_grads(x, y, train=True)
-        opt.step(grads)
+        def step():
+            _, grads = dp.loss_and_grads(x, y, train=True)
+            opt.step(grads)
 
-    return median_time(step, steps)
+        return median_time(step, steps)
 
 
 def bench_torch_step(cfg, B, T, steps, seed=0):
@@ -154,11 +157,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (median)")
     ap.add_argument("--gen-chars", type=int, default=500, help="characters generated per generation test")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    ap.add_argument("--workers", type=int, default=2, help="threads of the data-parallel step (train.py's --workers)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's allocator settings alone (to see what reuse_freed_memory buys)")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.gen_chars < 1:
-        print("bench: error: --steps and --gen-chars must be positive", file=sys.stderr)
+    if args.steps < 1 or args.gen_chars < 1 or args.workers < 1:
+        print("bench: error: --steps, --gen-chars and --workers must be positive", file=sys.stderr)
         return 2
     B, T = 32, 128
     print(f"machine: {machine()}")
@@ -168,15 +172,19 @@ def main(argv=None):
         print(f"allocator: freed memory kept for reuse (alloc.reuse_freed_memory): {reuse_freed_memory()}")
     peak = matmul_peak()
     print(f"float32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
+    print(f"BLAS threads: {blas_threads()}")
     rows = []
     flops = step_flops(Config(vocab_size=59), B, T)
+    print(f"training step: B={B}, T={T}, AdamW, {flops / 1e9:.1f} GFLOP of matmuls; median of {args.steps}")
     for p in (0.1, 0.0):
         cfg = Config(vocab_size=59, dropout=p)
-        t = bench_numpy_step(cfg, B, T, args.steps)
-        rows.append((p, t))
-        print(f"numpy training step, dropout {p}: {t * 1e3:.1f} ms  ({B * T / t:,.0f} tokens/s, "
-              f"{flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / 1e9 / peak:.0f}% of peak; "
-              f"{flops / 1e9:.1f} GFLOP/step)")
+        for workers in dict.fromkeys((args.workers, 1)):
+            t = bench_numpy_step(cfg, B, T, args.steps, workers)
+            rows.append((p, workers, t))
+            how = (f"{workers} workers, BLAS 1 thread each" if workers > 1
+                   else f"1 worker, BLAS {blas_threads()} threads")
+            print(f"numpy training step, dropout {p}, {how}: {t * 1e3:.1f} ms  ({B * T / t:,.0f} tokens/s, "
+                  f"{flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / 1e9 / peak:.0f}% of peak)")
     train_rss = peak_rss_mb()
     print(f"peak RSS after the training steps: {train_rss:.0f} MB")
     model = TinyLLM(Config(vocab_size=59), seed=0)
@@ -193,9 +201,10 @@ def main(argv=None):
             print("PyTorch: not installed; no comparison (pip install torch to add it)")
     if torch is not None:
         print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads:")
-        for p, t in rows:
+        for p in (0.1, 0.0):
             tt = bench_torch_step(Config(vocab_size=59, dropout=p), B, T, args.steps)
-            print(f"torch training step, dropout {p}: {tt * 1e3:.1f} ms; numpy/torch time ratio {t / tt:.2f}")
+            ratios = ", ".join(f"{w} worker{'s' if w > 1 else ''} {t / tt:.2f}" for q, w, t in rows if q == p)
+            print(f"torch training step, dropout {p}: {tt * 1e3:.1f} ms; numpy/torch time ratio: {ratios}")
         tg = bench_torch_generation(model, 8, min(args.gen_chars, 300))
         print(f"torch generation (original method, window recomputed per char): {tg:,.0f} chars/s; "
               f"numpy KV cache is {gen[8] / tg:.1f}x faster")

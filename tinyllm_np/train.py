@@ -36,6 +36,7 @@ from .alloc import reuse_freed_memory
 from .cli import OneLineParser
 from .model import Config, TinyLLM, WeightsError
 from .optim import AdamW, clip_grad_norm, lr_at
+from .parallel import DataParallel
 from .tokenizer import CharTokenizer
 from .weights import CHECKPOINT_KEYS, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
@@ -76,6 +77,9 @@ def build_parser():
     g.add_argument("--clip", type=float, default=0.0, help="clip gradients to this global norm (0: off)")
     g.add_argument("--dropout", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=2,
+                   help="threads; each step's batch is split into this many micro-batches, run at once "
+                        "(see parallel.py; 1: one batch on BLAS's own threads) (default: %(default)s)")
     m = ap.add_argument_group("model shape (defaults: the original TinyLLM)")
     m.add_argument("--d-model", type=int, default=128)
     m.add_argument("--n-layers", type=int, default=3)
@@ -111,6 +115,7 @@ def validate_args(args):
         (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
         (args.clip >= 0, f"--clip must be >= 0, got {args.clip}"),
         (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (args.workers >= 1, f"--workers must be at least 1, got {args.workers}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
         (0 < args.val_frac < 1, f"--val-frac must be between 0 and 1, got {args.val_frac}"),
         (args.ckpt_every > 0, f"--ckpt-every must be positive, got {args.ckpt_every}"),
@@ -183,8 +188,9 @@ def fixed_windows(ids, B, T, n_batches, seed):
     return [sample_batch(ids, B, T, rng) for _ in range(n_batches)]
 
 
-def evaluate(model, windows):
-    return float(np.mean([model.loss(x, y) for x, y in windows]))
+def evaluate(dp, windows):
+    """Mean evaluation-mode loss over fixed batches (dp: a parallel.DataParallel)."""
+    return float(np.mean([dp.loss(x, y) for x, y in windows]))
 
 
 def data_fingerprint(text):
@@ -383,7 +389,8 @@ def train(args):
         model.rng.bit_generator.state = state["dropout_rng"]
         step = state["step"]
     hparams = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "schedule", "warmup",
-                                             "weight_decay", "beta1", "beta2", "clip", "seed", "val_frac")}
+                                             "weight_decay", "beta1", "beta2", "clip", "seed", "val_frac",
+                                             "workers")}
     train_eval = fixed_windows(train_ids, B, T, args.eval_batches, seed=args.seed + 101)
     val_eval = fixed_windows(val_ids, B, T, args.eval_batches, seed=args.seed + 202)
 
@@ -395,7 +402,12 @@ def train(args):
     progress = Progress(total, args.quiet, args.log_every)
     progress.note(f"training {model.n_params:,} parameters on {len(train_ids):,} characters "
                   f"({len(val_ids):,} held out), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
-                  f"{total} steps" + (f", resuming at step {step}" if step else ""))
+                  f"{total} steps, batch split over {args.workers} worker(s)"
+                  + (f", resuming at step {step}" if step else ""))
+    dp = DataParallel(model, args.workers)
+    if args.workers > 1 and not dp.threaded:
+        progress.note("note: BLAS's thread count cannot be set here, so the micro-batches run one after "
+                      "another (same results, no speed-up)")
     stop = StopRequest()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     t_start = time.perf_counter()
@@ -408,7 +420,7 @@ def train(args):
             opt.lr = lr_at(step, args.lr, total, args.warmup, args.schedule, args.min_lr)
             x, y = sample_batch(train_ids, B, T, data_rng)
             with np.errstate(over="ignore", invalid="ignore"):  # a blow-up is caught just below
-                loss, grads = model.loss_and_grads(x, y, train=True)
+                loss, grads = dp.loss_and_grads(x, y, train=True)
                 gnorm = clip_grad_norm(grads, args.clip if args.clip > 0 else math.inf)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
                 return blown_up("loss" if not math.isfinite(loss) else "gradient", step + 1, args.checkpoint)
@@ -425,7 +437,7 @@ def train(args):
                    "val_loss": "", "tok_per_s": f"{tps:.0f}", "elapsed_s": f"{time.perf_counter() - t_start:.1f}"}
             extra = ""
             if step % eval_every == 0 or step == total:
-                tr, va = evaluate(model, train_eval), evaluate(model, val_eval)
+                tr, va = evaluate(dp, train_eval), evaluate(dp, val_eval)
                 row["eval_train_loss"], row["val_loss"] = f"{tr:.6f}", f"{va:.6f}"
                 extra = f" | eval train {tr:.4f} | val {va:.4f}"
             log_w.writerow(row)
@@ -446,6 +458,7 @@ def train(args):
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        dp.close()
         log_f.close()
     if args.plot and plot_log(args.log, args.plot):
         progress.note(f"loss curve: {args.plot}")
