@@ -22,6 +22,34 @@ def test_forward_cached_equals_forward(norm_first):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), model.forward(idx), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "relu"), (False, "gelu"), (True, "gelu")])
+def test_decode_step_equals_forward(norm_first, activation):
+    """The single-vector step generation uses: same logits as the full forward, token by token."""
+    model = small_model(norm_first=norm_first, activation=activation)
+    idx = np.random.default_rng(3).integers(0, 23, 16)
+    cache = model.new_kv_cache()
+    steps = np.stack([model.decode_step(int(t), pos, cache) for pos, t in enumerate(idx)])
+    np.testing.assert_allclose(steps, model.forward(idx[None])[0], rtol=1e-12, atol=1e-12)
+
+
+def test_decode_step_after_a_prefill():
+    """A prompt cached by forward_cached, then one token at a time: the mix Decoder uses."""
+    model = small_model()
+    idx = np.random.default_rng(4).integers(0, 23, 12)
+    cache = model.new_kv_cache()
+    model.forward_cached(idx[None, :7], cache, 0)
+    steps = np.stack([model.decode_step(int(idx[pos]), pos, cache) for pos in range(7, 12)])
+    np.testing.assert_allclose(steps, model.forward(idx[None])[0, 7:], rtol=1e-12, atol=1e-12)
+
+
+def test_decode_step_rejects_bad_token_and_position():
+    model = small_model()
+    cache = model.new_kv_cache()
+    for token, pos in ((23, 0), (-1, 0), (0, 16), (0, -1)):
+        with pytest.raises(ValueError):
+            model.decode_step(token, pos, cache)
+
+
 def test_window_start_rule():
     assert [window_start(n, 8, 1) for n in (1, 8, 9, 20)] == [0, 0, 1, 12]  # slide 1: the last 8
     assert [window_start(n, 8, 4) for n in (8, 9, 12, 13, 16, 17)] == [0, 4, 4, 8, 8, 12]

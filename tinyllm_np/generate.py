@@ -66,10 +66,13 @@ class Decoder:
             return self.model.forward(window)[0, -1]
         if start != self.start or self.done > n - start:
             self.start, self.done = start, 0  # the window moved (or the text changed): prefill again
-        new = np.asarray(ids[start + self.done:n], dtype=np.int64)[None]  # (1,Tn) not yet cached
-        out = self.model.forward_cached(new, self.cache, self.done)
+        new = ids[start + self.done:n]  # tokens not yet in the cache
+        if len(new) == 1:  # the common case: one new token, the lean single-vector step
+            out = self.model.decode_step(new[0], self.done, self.cache)
+        else:  # a prompt or a moved window: all of its new tokens in one batched pass ("prefill")
+            out = self.model.forward_cached(np.asarray(new, dtype=np.int64)[None], self.cache, self.done)[0, -1]
         self.done = n - start
-        return out[0, -1]
+        return out
 
 
 def generate(model, prompt_ids, max_new_tokens=200, temperature=0.7, top_k=None, greedy=False,

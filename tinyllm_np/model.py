@@ -86,6 +86,15 @@ def flat_views(shapes, buf):
     return views
 
 
+def _layernorm_vector(x, w, b, eps=L.LN_EPS):
+    """layers.layernorm_forward for one (C,) vector, in fewer NumPy calls; no backward cache."""
+    xc = x - np.add.reduce(x) / x.size  # x - mu
+    xc *= 1.0 / np.sqrt(np.dot(xc, xc) / x.size + eps)  # / sqrt(var + eps)
+    xc *= w
+    xc += b
+    return xc
+
+
 class TinyLLM:
     """Character-level causal transformer with hand-written backward.
 
@@ -215,6 +224,56 @@ class TinyLLM:
             x, _ = self._block_forward(x, i, None, kv=(k, v, pos))
         x, _ = L.layernorm_forward(x, p["ln.weight"], p["ln.bias"])
         return L.linear_forward(x, p["head.weight"])[0]  # (B,Tn,C) -> (B,Tn,V)
+
+    def decode_step(self, token, pos, cache):
+        """Logits (V,) for one token at position pos of a batch-1 text, reading and extending the KV cache.
+
+        The computation of forward_cached on a (1,1) input, written for one
+        C-vector.  Generating a character runs about a hundred small NumPy calls
+        and a few BLAS matrix-vector products, so the number of calls, not the
+        arithmetic, sets the speed: no (B,T) axes, no backward caches, one
+        vector layer norm (``_layernorm_vector``) instead of the batched one.
+        Shapes: x (C,); q, k, v (H,D); the cache (1,H,context,D) per layer.
+        """
+        cfg, p = self.config, self.params
+        if not 0 <= pos < cfg.context:
+            raise ValueError(f"position {pos} is outside the context of {cfg.context}")
+        if not 0 <= token < cfg.vocab_size:
+            raise ValueError(f"token id {token} is outside [0, {cfg.vocab_size})")
+        H, C = cfg.n_heads, cfg.d_model
+        D, n = C // H, pos + 1
+        scale = self.dtype.type(1.0 / np.sqrt(D))
+        act, _ = L.ACTIVATIONS[cfg.activation]
+        ln = _layernorm_vector
+        x = p["tok_emb.weight"][token] + p["pos_emb.weight"][pos]  # (C,)
+        for i, (k_cache, v_cache) in enumerate(cache):
+            q_ = f"layers.{i}."
+            w_in, b_in = p[q_ + "self_attn.in_proj_weight"], p[q_ + "self_attn.in_proj_bias"]
+            w_out, b_out = p[q_ + "self_attn.out_proj.weight"], p[q_ + "self_attn.out_proj.bias"]
+            norm1 = p[q_ + "norm1.weight"], p[q_ + "norm1.bias"]
+            norm2 = p[q_ + "norm2.weight"], p[q_ + "norm2.bias"]
+            K, V = k_cache[0], v_cache[0]  # (H,context,D)
+
+            h = ln(x, *norm1) if cfg.norm_first else x
+            qkv = np.dot(w_in, h)  # (3C,C) @ (C,) -> (3C,)
+            qkv += b_in
+            q, k, v = qkv.reshape(3, H, D)
+            K[:, pos], V[:, pos] = k, v
+            q *= scale
+            att = np.matmul(K[:, :n], q[:, :, None])[:, :, 0]  # (H,n,D) @ (H,D,1) -> (H,n)
+            L.softmax(att, out=att)  # the newest token may see every cached one: no mask
+            y = np.matmul(att[:, None, :], V[:, :n])  # (H,1,n) @ (H,n,D) -> (H,1,D)
+            a = np.dot(w_out, y.reshape(C))  # heads side by side, (C,C) @ (C,) -> (C,)
+            a += b_out
+            x = x + a if cfg.norm_first else ln(x + a, *norm1)
+
+            h = ln(x, *norm2) if cfg.norm_first else x
+            f = np.dot(p[q_ + "linear1.weight"], h)  # (F,C) @ (C,) -> (F,)
+            f += p[q_ + "linear1.bias"]
+            f = np.dot(p[q_ + "linear2.weight"], act(f)[0])  # (C,F) @ (F,) -> (C,)
+            f += p[q_ + "linear2.bias"]
+            x = x + f if cfg.norm_first else ln(x + f, *norm2)
+        return np.dot(p["head.weight"], ln(x, p["ln.weight"], p["ln.bias"]))  # (V,C) @ (C,) -> (V,)
 
     def new_kv_cache(self, batch=1):
         """Empty per-layer (k, v) buffers, (B,H,context,D) each, allocated once."""
