@@ -9,7 +9,6 @@ dropout 0.1 and 0), generation with the KV cache, and, when PyTorch is
 installed, the identical model and step in PyTorch.
 """
 
-import argparse
 import os
 import platform
 import resource
@@ -20,6 +19,7 @@ import time
 import numpy as np
 
 from .alloc import reuse_freed_memory
+from .cli import OneLineParser
 from .generate import Decoder, sample
 from .model import Config, TinyLLM
 from .optim import AdamW
@@ -153,7 +153,7 @@ def machine():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tinyllm_np.bench", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m tinyllm_np.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (median)")
     ap.add_argument("--gen-chars", type=int, default=500, help="characters generated per generation test")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")

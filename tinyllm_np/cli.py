@@ -12,5 +12,5 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     def error(self, message):
-        name = self.prog[:-3] if self.prog.endswith(".py") else self.prog
+        name = self.prog.split()[-1].removesuffix(".py").rsplit(".", 1)[-1]  # "train.py", "python -m x.bench"
         self.exit(EXIT_USAGE, f"{name}: error: {message}\n")

@@ -11,12 +11,12 @@ number of heads (default d_model / 32, head size 32 as in both original models),
 pre- or post-norm (default post-norm, as the original) and the activation.
 """
 
-import argparse
 import re
 import sys
 
 import numpy as np
 
+from .cli import OneLineParser
 from .model import Config, TinyLLM, WeightsError
 
 
@@ -99,7 +99,7 @@ def to_torch_checkpoint(model, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tinyllm_np.convert", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m tinyllm_np.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--to-torch", action="store_true", help="convert our .npz to the original's .pt instead")

@@ -16,11 +16,11 @@ characters in ``ALPHABET`` and is the same bytes on every run (seeded
 ``random.Random``; no hashing, no clock).
 """
 
-import argparse
 import os
 import random
 import sys
 
+from .cli import OneLineParser
 from .fileio import atomic_write_bytes
 
 USER, BOT, END = "<|user|>", "<|bot|>", "<|end|>"
@@ -264,7 +264,7 @@ def generate(seed=0, n_dialogues=11_500):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tinyllm_np.dataset", description="Write the dialogue dataset.")
+    ap = OneLineParser(prog="python -m tinyllm_np.dataset", description="Write the dialogue dataset.")
     ap.add_argument("--out", default=os.path.join("data", "dialogue.txt"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dialogues", type=int, default=11_500)

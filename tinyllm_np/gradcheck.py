@@ -33,13 +33,13 @@ Dropout is checked under a fixed mask: every evaluation draws its mask from a
 generator re-seeded to the same state.
 """
 
-import argparse
 import sys
 from typing import NamedTuple
 
 import numpy as np
 
 from . import layers as L
+from .cli import OneLineParser
 from .model import Config, TinyLLM
 
 H_STEP = 1e-6
@@ -260,7 +260,7 @@ CASES = {
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tinyllm_np.gradcheck", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m tinyllm_np.gradcheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("--layer", action="append", metavar="NAME",
                     help="run only this check (repeatable); see --list")
     ap.add_argument("--list", action="store_true", help="list the check names and exit")
