@@ -33,12 +33,14 @@ def sample(logits, temperature=0.7, top_k=None, greedy=False, rng=None):
     """
     if greedy or temperature == 0:
         return int(np.argmax(logits))
-    z = logits - logits.max()  # <= 0, so exp cannot overflow
+    z = logits - np.fmax.reduce(logits)  # <= 0, so exp cannot overflow
     if top_k is not None and 0 < top_k < z.size:
         z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-    cdf = np.cumsum(np.exp(z / temperature, dtype=np.float64))  # unnormalized; float64 for the sum
+    z *= 1.0 / temperature
+    cdf = np.exp(z, dtype=np.float64)  # unnormalized probabilities; float64 for the running sum
+    np.add.accumulate(cdf, out=cdf)
     r = (rng if rng is not None else np.random.default_rng()).random() * cdf[-1]
-    return min(int(np.searchsorted(cdf, r, side="right")), z.size - 1)
+    return min(int(cdf.searchsorted(r, side="right")), z.size - 1)
 
 
 class Decoder:
