@@ -453,8 +453,6 @@ def train(args):
             return 130 if stop.signum == signal.SIGINT else 0
         model.save(args.out)
         progress.note(f"saved {args.out} after {step} steps ({time.perf_counter() - t_start:.0f} s this run)")
-        if not set(CHAT_MARKERS) - set(tok.chars):
-            progress.note(f"train: chat with it: python chat.py --weights {shlex.quote(args.out)}")
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -462,6 +460,8 @@ def train(args):
         log_f.close()
     if args.plot and plot_log(args.log, args.plot):
         progress.note(f"loss curve: {args.plot}")
+    if not set(CHAT_MARKERS) - set(tok.chars):  # last, where the eye lands
+        progress.note(f"train: chat with it: python chat.py --weights {shlex.quote(args.out)}")
     return 0
 
 
