@@ -364,6 +364,7 @@ def train(args):
         for k, v in params.items():
             model.params[k][...] = v
         hp = state["hparams"]
+        hp.setdefault("workers", 1)  # written before --workers existed: the single-batch step
         for k, v in hp.items():  # the recipe is the checkpoint's, whatever the command line says
             setattr(args, k, v)
     else:
