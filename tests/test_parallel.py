@@ -100,9 +100,38 @@ def test_blas_threads_single_while_open_and_restored_after():
     assert blas_threads() == before
 
 
+def test_blas_setting_survives_overlapping_objects():
+    """BLAS stays single-threaded until the last open DataParallel closes, in any order."""
+    before = blas_threads()
+    if before is None:
+        pytest.skip("this BLAS's thread count cannot be controlled here")
+    a, b = DataParallel(small_model(), 2), DataParallel(small_model(), 2)
+    a.close()
+    assert blas_threads() == 1  # b is still running micro-batches on single-threaded BLAS
+    b.close()
+    b.close()  # a second close changes nothing
+    assert blas_threads() == before
+
+
+def test_errstate_reaches_the_workers():
+    model = small_model(dropout=0.0)
+    model.flat[:] = 1e300  # overflows everywhere
+    idx, tgt = batch(4)
+    with DataParallel(model, 2) as dp, np.errstate(over="raise", invalid="raise"):
+        with pytest.raises(FloatingPointError):
+            dp.loss_and_grads(idx, tgt)
+
+
+def test_empty_batch_is_refused():
+    with DataParallel(small_model(), 2) as dp:
+        with pytest.raises(ValueError, match="empty"):
+            dp.loss_and_grads(np.zeros((0, 8), int), np.zeros((0, 8), int))
+
+
 def test_workers_flag_is_checked(capsys, tmp_path):
     data = tmp_path / "t.txt"
     data.write_text("hello world, " * 200, encoding="utf-8")
-    assert train_main(["--data", str(data), "--workers", "0", "--out", str(tmp_path / "w.npz")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["train: error: --workers must be at least 1, got 0"]
+    for workers in ("0", "33"):
+        assert train_main(["--data", str(data), "--workers", workers, "--out", str(tmp_path / "w.npz")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"train: error: --workers must be between 1 and --batch-size (32), got {workers}"]

@@ -62,12 +62,14 @@ def test_resume_is_bitwise_identical(tmp_path, text_file):
     assert la == lb and len(la) == 30
 
 
-def test_resume_keeps_the_checkpoints_workers(tmp_path, text_file):
+def test_resume_keeps_the_checkpoints_workers_and_batch_size(tmp_path, text_file):
     """--workers changes the dropout masks, so a resumed run must keep the checkpoint's value."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert T.main(run_args(a, text_file, "--max-steps", "20", "--workers", "1")) == 0
     assert T.main(run_args(b, text_file, "--max-steps", "8", "--workers", "1")) == 0
-    assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume", "--workers", "2")) == 0
+    # the command line also asks for another batch size: the checkpoint's recipe wins
+    assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume", "--workers", "2",
+                           "--batch-size", "2")) == 0
     assert np.array_equal(TinyLLM.load(a / "w.npz").flat, TinyLLM.load(b / "w.npz").flat)
     # and the two settings really differ, or this test would prove nothing
     c = tmp_path / "c"

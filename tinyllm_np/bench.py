@@ -161,10 +161,9 @@ def main(argv=None):
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's allocator settings alone (to see what reuse_freed_memory buys)")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.gen_chars < 1 or args.workers < 1:
-        print("bench: error: --steps, --gen-chars and --workers must be positive", file=sys.stderr)
-        return 2
     B, T = 32, 128
+    if args.steps < 1 or args.gen_chars < 1 or not 1 <= args.workers <= B:
+        ap.error(f"--steps and --gen-chars must be positive, --workers between 1 and {B}")
     print(f"machine: {machine()}")
     if args.default_malloc:
         print("allocator: glibc defaults (--default-malloc)")

@@ -25,9 +25,9 @@ and K, not on thread timing, and ``model.rng`` alone carries the random state
 (checkpoints stay as they are).
 """
 
-import contextvars
 import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -95,6 +95,32 @@ def split_batch(B, workers):
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+_single_thread_users = 0  # open DataParallel objects that need BLAS on one thread
+_single_thread_lock = threading.Lock()
+_threads_before = None  # BLAS's thread count before the first of them opened
+
+
+def _hold_single_threaded_blas():
+    """Put BLAS on one thread for one more user; False if its thread count cannot be set."""
+    global _single_thread_users, _threads_before
+    with _single_thread_lock:
+        if _single_thread_users == 0:
+            _threads_before = blas_threads(1)
+            if _threads_before is None:
+                return False
+        _single_thread_users += 1
+        return True
+
+
+def _release_single_threaded_blas():
+    """One user fewer; the last one gives BLAS back its earlier thread count."""
+    global _single_thread_users
+    with _single_thread_lock:
+        _single_thread_users -= 1
+        if _single_thread_users == 0:
+            blas_threads(_threads_before)
+
+
 class DataParallel:
     """model's loss and gradients with the batch split over ``workers`` threads.
 
@@ -102,25 +128,22 @@ class DataParallel:
         loss, grads = dp.loss_and_grads(idx, targets, train=True)   # as model.loss_and_grads
         dp.close()                                                  # or use it as a context manager
 
-    While it is open, BLAS runs single-threaded (its previous setting comes back
-    on close).  With workers=1 it is exactly model.loss_and_grads.
+    While one is open, BLAS runs single-threaded (its earlier setting comes back
+    when the last one closes).  With workers=1 it is exactly model.loss_and_grads.
     """
 
     def __init__(self, model, workers=2):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.model, self.workers = model, workers
-        self._blas_before = blas_threads(1) if workers > 1 else None
-        self.threaded = workers > 1 and self._blas_before is not None
+        self.threaded = workers > 1 and _hold_single_threaded_blas()
         self._pool = ThreadPoolExecutor(workers) if self.threaded else None
 
     def close(self):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        if self._blas_before is not None:
-            blas_threads(self._blas_before)
-            self._blas_before = None
+            _release_single_threaded_blas()
 
     def __enter__(self):
         return self
@@ -128,16 +151,28 @@ class DataParallel:
     def __exit__(self, *exc):
         self.close()
 
-    def _run(self, fn, jobs):
-        """fn(*job) for every job, on the pool's threads when there is one.
+    def _map(self, fn, idx, targets, extra):
+        """[(B_k / B, fn(idx_k, targets_k, extra_k)) for each micro-batch k], on the threads if any.
 
-        Each job runs in a copy of the caller's context, so settings such as
-        np.errstate reach the workers too.
+        The caller's np.errstate settings are carried into the worker threads.
         """
+        idx, targets = np.asarray(idx), np.asarray(targets)
+        B = idx.shape[0]
+        if B == 0:
+            raise ValueError("the batch is empty")
+        parts = split_batch(B, self.workers)
+        extra = extra(len(parts))
+        err = np.geterr()
+
+        def job(s, e):
+            with np.errstate(**err):
+                return fn(idx[s], targets[s], e)
+
         if self._pool is None:
-            return [fn(*job) for job in jobs]
-        futures = [self._pool.submit(contextvars.copy_context().run, fn, *job) for job in jobs]
-        return [f.result() for f in futures]
+            results = [job(s, e) for s, e in zip(parts, extra)]
+        else:
+            results = [f.result() for f in [self._pool.submit(job, s, e) for s, e in zip(parts, extra)]]
+        return [((s.stop - s.start) / B, r) for s, r in zip(parts, results)]
 
     def _rngs(self, train, n):
         """One dropout generator per micro-batch, seeded from model.rng (None: no dropout)."""
@@ -149,29 +184,21 @@ class DataParallel:
         """Same contract as TinyLLM.loss_and_grads: (mean loss, grads laid out like model.flat)."""
         if self.workers == 1:
             return self.model.loss_and_grads(idx, targets, train=train)
-        idx, targets = np.asarray(idx), np.asarray(targets)
-        parts = split_batch(idx.shape[0], self.workers)
-        rngs = self._rngs(train, len(parts))
-        results = self._run(lambda s, r: self.model.loss_and_grads(idx[s], targets[s], train=train, rng=r),
-                            zip(parts, rngs))
-        B = idx.shape[0]
-        loss, grads = 0.0, results[0][1]
-        total = flat_base(grads)  # the flat buffer behind the first micro-batch's gradients
-        for k, (s, (loss_k, grads_k)) in enumerate(zip(parts, results)):
-            w = (s.stop - s.start) / B
+        results = self._map(lambda x, y, rng: self.model.loss_and_grads(x, y, train=train, rng=rng),
+                            idx, targets, lambda n: self._rngs(train, n))
+        loss, grads = 0.0, results[0][1][1]
+        total = flat_base(grads)  # the flat buffer behind the first micro-batch's gradients: the sum goes here
+        for k, (w, (loss_k, grads_k)) in enumerate(results):
             loss += w * loss_k
             g = flat_base(grads_k)
-            if k == 0:
-                total *= g.dtype.type(w)
-            else:
-                total += g.dtype.type(w) * g  # grad = sum_k w_k grad_k
+            g *= g.dtype.type(w)
+            if k:
+                total += g  # grad = sum_k w_k grad_k
         return loss, grads
 
     def loss(self, idx, targets):
         """Mean cross-entropy in evaluation mode (no dropout), the batch split over the workers."""
         if self.workers == 1:
             return self.model.loss(idx, targets)
-        idx, targets = np.asarray(idx), np.asarray(targets)
-        parts = split_batch(idx.shape[0], self.workers)
-        losses = self._run(lambda s: self.model.loss(idx[s], targets[s]), [(s,) for s in parts])
-        return sum((s.stop - s.start) / idx.shape[0] * l for s, l in zip(parts, losses))
+        results = self._map(lambda x, y, _: self.model.loss(x, y), idx, targets, lambda n: [None] * n)
+        return sum(w * loss_k for w, loss_k in results)

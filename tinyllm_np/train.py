@@ -34,6 +34,7 @@ import numpy as np
 
 from .alloc import reuse_freed_memory
 from .cli import OneLineParser
+from .dataset import BOT, END, USER
 from .model import Config, TinyLLM, WeightsError
 from .optim import AdamW, clip_grad_norm, lr_at
 from .parallel import DataParallel
@@ -42,7 +43,6 @@ from .weights import CHECKPOINT_KEYS, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
 
 EXIT_ERROR = 2
-CHAT_MARKERS = "<|user|><|bot|><|end|>"  # a model whose vocabulary lacks these cannot chat
 
 
 class TrainError(Exception):
@@ -115,7 +115,8 @@ def validate_args(args):
         (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
         (args.clip >= 0, f"--clip must be >= 0, got {args.clip}"),
         (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
-        (args.workers >= 1, f"--workers must be at least 1, got {args.workers}"),
+        (1 <= args.workers <= args.batch_size,
+         f"--workers must be between 1 and --batch-size ({args.batch_size}), got {args.workers}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
         (0 < args.val_frac < 1, f"--val-frac must be between 0 and 1, got {args.val_frac}"),
         (args.ckpt_every > 0, f"--ckpt-every must be positive, got {args.ckpt_every}"),
@@ -343,14 +344,6 @@ def train(args):
     reuse_freed_memory()  # about a quarter faster per step on glibc; see alloc.py
     text = read_text(args.data)
     train_text, val_text = split_text(text, args.val_frac)
-    T, B = args.context, args.batch_size
-    for name, part in (("training", train_text), ("validation", val_text)):
-        if len(part) < T + 2:
-            raise TrainError(f"{args.data}: the {name} part has {len(part)} characters, fewer than "
-                             f"--context {T} + 2; use a longer text, a smaller --context or another --val-frac")
-    if B * (T + 1) > len(train_text):
-        raise TrainError(f"{args.data}: one batch needs {B} x {T + 1} characters but the training part has only "
-                         f"{len(train_text)}; use a smaller --batch-size or --context")
     fingerprint = data_fingerprint(text)
 
     if args.resume:
@@ -364,16 +357,24 @@ def train(args):
         for k, v in params.items():
             model.params[k][...] = v
         hp = state["hparams"]
-        hp.setdefault("workers", 1)  # written before --workers existed: the single-batch step
+        hp.setdefault("workers", args.workers)  # a checkpoint from before --workers existed
         for k, v in hp.items():  # the recipe is the checkpoint's, whatever the command line says
             setattr(args, k, v)
     else:
         tok = CharTokenizer.from_text(text)
         config = Config(vocab_size=len(tok), d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                        d_ff=args.d_ff, context=T, dropout=args.dropout, norm_first=args.norm_first,
+                        d_ff=args.d_ff, context=args.context, dropout=args.dropout, norm_first=args.norm_first,
                         activation=args.activation)
         model = TinyLLM(config, seed=args.seed, chars=tok.chars)
         state = None
+    T, B = config.context, args.batch_size  # on --resume, the checkpoint's
+    for name, part in (("training", train_text), ("validation", val_text)):
+        if len(part) < T + 2:
+            raise TrainError(f"{args.data}: the {name} part has {len(part)} characters, fewer than "
+                             f"--context {T} + 2; use a longer text, a smaller --context or another --val-frac")
+    if B * (T + 1) > len(train_text):
+        raise TrainError(f"{args.data}: one batch needs {B} x {T + 1} characters but the training part has only "
+                         f"{len(train_text)}; use a smaller --batch-size or --context")
     train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
     steps_per_epoch = max(1, len(train_ids) // (B * T))
     total = int(math.ceil(args.epochs * steps_per_epoch))
@@ -405,15 +406,17 @@ def train(args):
                   f"({len(val_ids):,} held out), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
                   f"{total} steps, batch split over {args.workers} worker(s)"
                   + (f", resuming at step {step}" if step else ""))
-    dp = DataParallel(model, args.workers)
-    if args.workers > 1 and not dp.threaded:
-        progress.note("note: BLAS's thread count cannot be set here, so the micro-batches run one after "
-                      "another (same results, no speed-up)")
     stop = StopRequest()
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_handlers, dp = {}, None
     t_start = time.perf_counter()
     recent = []
     try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[s] = signal.signal(s, stop)
+        dp = DataParallel(model, args.workers)
+        if args.workers > 1 and not dp.threaded:
+            progress.note("note: BLAS's thread count cannot be set here, so the micro-batches run one after "
+                          "another (same results, no speed-up)")
         while step < total:
             if stop.signum is not None:
                 break
@@ -457,11 +460,12 @@ def train(args):
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        dp.close()
+        if dp is not None:
+            dp.close()
         log_f.close()
     if args.plot and plot_log(args.log, args.plot):
         progress.note(f"loss curve: {args.plot}")
-    if not set(CHAT_MARKERS) - set(tok.chars):  # last, where the eye lands
+    if set(USER + BOT + END) <= set(tok.chars):  # a model that can chat; last, where the eye lands
         progress.note(f"train: chat with it: python chat.py --weights {shlex.quote(args.out)}")
     return 0
 
