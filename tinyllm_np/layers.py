@@ -225,7 +225,7 @@ def softmax(x, axis=-1, out=None):
     # fmax.reduce: the row max, several times faster than x.max for short rows (NumPy 2.x)
     e = np.subtract(x, np.fmax.reduce(x, axis=axis, keepdims=True), out=out)
     np.exp(e, out=e)
-    e /= e.sum(axis=axis, keepdims=True)
+    e /= np.add.reduce(e, axis=axis, keepdims=True)  # the sum, without .sum()'s Python wrapper
     return e
 
 
