@@ -143,3 +143,20 @@ def test_bad_slide_is_one_line(value):
     code, out, err = chat("--slide", value, "--prompt", "Hello!")
     assert code == 2 and out == "" and err.startswith("chat: error: --slide must be between 1 and 128")
     assert err.count("\n") == 1
+
+
+def test_default_weights_found_in_a_checkout_then_an_install_prefix(tmp_path, monkeypatch):
+    from tinyllm_np import chat as C
+
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(C.__file__))), "weights", "tinyllm.npz")
+    assert C.default_weights() == checkout  # running from this checkout
+    # a regular install: no weights/ beside the package, a copy under <prefix>/share/tinyllm-np
+    fake_pkg = tmp_path / "site-packages" / "tinyllm_np" / "chat.py"
+    monkeypatch.setattr(C, "__file__", str(fake_pkg))
+    monkeypatch.setattr(C.sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.chdir(tmp_path)
+    assert C.default_weights() == os.path.join("weights", "tinyllm.npz")  # nothing anywhere: the loader reports it
+    installed = tmp_path / "prefix" / "share" / "tinyllm-np" / "tinyllm.npz"
+    installed.parent.mkdir(parents=True)
+    installed.write_bytes(b"")
+    assert C.default_weights() == str(installed)

@@ -30,9 +30,14 @@ HELP = """commands:
 
 
 def default_weights():
-    """weights/tinyllm.npz beside the package (a source checkout), else in the current directory."""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "tinyllm.npz")
-    return here if os.path.exists(here) else os.path.join("weights", "tinyllm.npz")
+    """The shipped weights: weights/tinyllm.npz in the source checkout this package runs from,
+    else the copy a regular ``pip install`` puts in <prefix>/share/tinyllm-np/, else
+    weights/tinyllm.npz in the current directory (whose absence the loader reports)."""
+    for path in (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "tinyllm.npz"),
+                 os.path.join(sys.prefix, "share", "tinyllm-np", "tinyllm.npz")):
+        if os.path.exists(path):
+            return path
+    return os.path.join("weights", "tinyllm.npz")
 
 
 class StopFilter:
