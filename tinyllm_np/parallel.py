@@ -5,8 +5,9 @@ the batch into K micro-batches of B_k sequences; then
 
     loss = sum_k (B_k / B) * loss_k          grad = sum_k (B_k / B) * grad_k
 
-where loss_k and grad_k are the mean loss and its gradient on micro-batch k alone:
-the same numbers as one big batch, up to the order of float additions.  This is
+where loss_k and grad_k are the mean loss and its gradient on micro-batch k alone.
+Without dropout these are the numbers of one big batch, up to the order of float
+additions; with dropout, the masks are drawn per micro-batch (below).  This is
 what data-parallel training does across GPUs; here the workers are threads.
 
 Why it pays on a CPU: NumPy's elementwise operations (softmax, layer norm,
