@@ -17,6 +17,7 @@ all 626,560 of them with a handful of vectorized operations.
 
 import dataclasses
 import json
+import math
 import numpy as np
 
 from . import layers as L
@@ -247,7 +248,7 @@ class TinyLLM:
             raise ValueError(f"token id {token} is outside [0, {cfg.vocab_size})")
         H, C = cfg.n_heads, cfg.d_model
         D, n = C // H, pos + 1
-        scale = self.dtype.type(1.0 / np.sqrt(D))
+        scale = 1.0 / math.sqrt(D)  # a Python float: q keeps its dtype
         act, _ = L.ACTIVATIONS[cfg.activation]
         ln = _layernorm_vector
         x = p["tok_emb.weight"][token] + p["pos_emb.weight"][pos]  # (C,)

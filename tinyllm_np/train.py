@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from .alloc import reuse_freed_memory
-from .cli import OneLineParser
+from .cli import EXIT_USAGE, OneLineParser
 from .dataset import BOT, END, USER
 from .model import Config, TinyLLM, WeightsError
 from .optim import AdamW, clip_grad_norm, lr_at
@@ -41,8 +41,6 @@ from .parallel import DataParallel
 from .tokenizer import CharTokenizer
 from .weights import CHECKPOINT_KEYS, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
-
-EXIT_ERROR = 2
 
 
 class TrainError(Exception):
@@ -479,10 +477,10 @@ def main(argv=None):
         return train(args)
     except TrainError as e:
         print(f"train: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE
     except OSError as e:  # e.g. the disk filled up while saving; the previous file is intact
         print(f"train: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ntrain: interrupted", file=sys.stderr)
         return 130
