@@ -63,16 +63,17 @@ def test_max_entry_error_ignores_gradients_that_are_zero_in_both():
 
 def _layernorm_backward_no_var_term(dout, cache):
     """Drops the xhat * mean(g * xhat) term (the path through the variance)."""
-    xhat, rstd, w = cache
-    g = dout * w
-    dx = (g - g.mean(axis=-1, keepdims=True)) * rstd
+    xhat, rstd, w = cache  # (N,C), (N,1)
     C = xhat.shape[-1]
-    return dx, np.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C)), dout.reshape(-1, C).sum(0)
+    g = dout.reshape(-1, C) * w
+    dx = (g - g.mean(axis=-1, keepdims=True)) * rstd
+    return dx.reshape(dout.shape), np.einsum("nc,nc->c", dout.reshape(-1, C), xhat), dout.reshape(-1, C).sum(0)
 
 
 def _attention_backward_no_softmax_sum(dout, cache):
     """Treats softmax as elementwise: dS = A * dA, dropping the row-sum term."""
-    qkv_cache, q, k, v, att, drop_cache, out_cache, scale, H = cache
+    qkv_cache, q, kT, v, att, drop_cache, out_cache, scale, H = cache
+    k = kT.transpose(0, 1, 3, 2)
     att_d = L.dropout_backward(att, drop_cache)
     B, _, T, D = q.shape
     dy, dw_out, db_out = L.linear_backward(dout, out_cache)
