@@ -9,8 +9,9 @@ def test_bench_smoke():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for expected in ("float32 matmul peak", "dropout 0.1, 2 workers", "dropout 0.1, 1 worker",
-                     "dropout 0.0, 2 workers", "dropout 0.0, 1 worker", "% of peak", "peak RSS",
+    for expected in ("float32 matmul peak", "dropout 0.1, micro-batches of 4, 2 worker processes",
+                     "dropout 0.1, micro-batches of 4, 1 worker", "dropout 0.0, micro-batches of 4, 2 worker processes",
+                     "dropout 0.0, micro-batches of 4, 1 worker", "% of peak", "peak RSS", "its workers",
                      "generation, 8-char prompt", "generation, 128-char prompt", "first char after"):
         assert expected in text, f"missing {expected!r} in:\n{text}"
 

@@ -1,10 +1,12 @@
-"""Data parallelism: the batch split over threads gives the full batch's loss and gradients."""
+"""Data parallelism: micro-batches on worker processes give the full batch's loss and gradients."""
+
+import os
 
 import numpy as np
 import pytest
 
 from tinyllm_np import Config, TinyLLM
-from tinyllm_np.parallel import DataParallel, blas_threads, split_batch
+from tinyllm_np.parallel import DataParallel, blas_threads, micro_batches, split_batch
 from tinyllm_np.train import main as train_main
 
 SMALL = dict(vocab_size=11, d_model=16, n_heads=2, d_ff=24, n_layers=2, context=8)
@@ -25,22 +27,28 @@ def max_diff(g, h):
 
 def test_split_batch_covers_every_sequence_once():
     for B in (1, 2, 5, 32):
-        for workers in (1, 2, 3, 8):
-            parts = split_batch(B, workers)
-            assert len(parts) == min(B, workers)
-            covered = np.concatenate([np.arange(B)[s] for s in parts])
+        for parts in (1, 2, 3, 8):
+            pieces = split_batch(B, parts)
+            assert len(pieces) == min(B, parts)
+            covered = np.concatenate([np.arange(B)[s] for s in pieces])
             assert covered.tolist() == list(range(B))
-            sizes = [s.stop - s.start for s in parts]
+            sizes = [s.stop - s.start for s in pieces]
             assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("B,workers", [(4, 2), (5, 2), (7, 3)])
-def test_same_loss_and_gradients_as_one_batch(B, workers):
-    """Without dropout the split changes nothing but the order of float additions."""
+def test_micro_batches_are_at_most_the_size_asked():
+    assert [(s.start, s.stop) for s in micro_batches(32, 4)] == [(i, i + 4) for i in range(0, 32, 4)]
+    assert [s.stop - s.start for s in micro_batches(10, 4)] == [3, 4, 3]  # ceil(10/4) = 3 near-equal pieces
+    assert micro_batches(3, 8) == [slice(0, 3)]
+
+
+@pytest.mark.parametrize("B,workers,micro_batch", [(4, 2, 1), (5, 2, 2), (7, 3, 2), (6, 2, 8), (3, 1, 2)])
+def test_same_loss_and_gradients_as_one_batch(B, workers, micro_batch):
+    """Without dropout the micro-batches change nothing but the order of float additions."""
     model = small_model()
     idx, tgt = batch(B)
     loss, grads = model.loss_and_grads(idx, tgt)
-    with DataParallel(model, workers) as dp:
+    with DataParallel(model, workers, micro_batch) as dp:
         loss_dp, grads_dp = dp.loss_and_grads(idx, tgt)
         assert dp.loss(idx, tgt) == pytest.approx(loss, rel=1e-13)
     assert loss_dp == pytest.approx(loss, rel=1e-13)
@@ -48,18 +56,30 @@ def test_same_loss_and_gradients_as_one_batch(B, workers):
     assert max_diff(grads, grads_dp) < 1e-13 * max(float(np.abs(g).max()) for g in grads.values())
 
 
+def test_workers_see_every_parameter_update():
+    """The workers read the parameters afresh on each call: an in-place update must reach them."""
+    model = small_model(dropout=0.0)
+    idx, tgt = batch(4)
+    with DataParallel(model, 2, 2) as dp:
+        before = dp.loss(idx, tgt)
+        model.flat *= 0.5
+        after = dp.loss(idx, tgt)
+    assert after != before
+    assert after == pytest.approx(model.loss(idx, tgt), rel=1e-13)
+
+
 def test_dropout_masks_come_from_generators_seeded_by_model_rng():
     """Micro-batch k uses default_rng(seed_k), the seeds drawn from model.rng: written out by hand here."""
     model = small_model()
     idx, tgt = batch(5)
     seeds = np.random.default_rng(0).integers(0, 2 ** 63, size=2)  # model.rng starts as default_rng(seed=0)
-    parts = [slice(0, 2), slice(2, 5)]
+    parts = [slice(0, 2), slice(2, 5)]  # micro_batches(5, 3): two near-equal pieces
     ref = [model.loss_and_grads(idx[s], tgt[s], train=True, rng=np.random.default_rng(sd))
            for s, sd in zip(parts, seeds)]
     w = [2 / 5, 3 / 5]
     loss_ref = w[0] * ref[0][0] + w[1] * ref[1][0]
     grads_ref = {k: w[0] * ref[0][1][k] + w[1] * ref[1][1][k] for k in ref[0][1]}
-    with DataParallel(model, 2) as dp:
+    with DataParallel(model, 2, micro_batch=3) as dp:
         loss, grads = dp.loss_and_grads(idx, tgt, train=True)
     assert loss == pytest.approx(loss_ref, rel=1e-13)
     assert max_diff(grads, grads_ref) < 1e-12
@@ -67,13 +87,27 @@ def test_dropout_masks_come_from_generators_seeded_by_model_rng():
     assert abs(loss - model.loss(idx, tgt)) > 1e-6
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_the_number_of_workers_does_not_change_the_numbers(workers):
+    """With dropout on: the masks belong to micro-batches, not workers; only float rounding may differ."""
+    results = []
+    for w in (1, workers):
+        model = small_model()
+        idx, tgt = batch(8)
+        with DataParallel(model, w, micro_batch=2) as dp:
+            results.append(dp.loss_and_grads(idx, tgt, train=True))
+    (l1, g1), (l2, g2) = results
+    assert l2 == pytest.approx(l1, rel=1e-13)
+    assert max_diff(g1, g2) < 1e-13 * max(float(np.abs(g).max()) for g in g1.values())
+
+
 def test_training_steps_are_reproducible():
-    """Thread timing must not matter: the same seed gives bitwise the same float32 losses and gradients."""
+    """Process timing must not matter: the same seed gives bitwise the same float32 losses and gradients."""
     runs = []
     for _ in range(2):
         model = small_model(dtype=np.float32, seed=3)
         idx, tgt = batch(6)
-        with DataParallel(model, 2) as dp:
+        with DataParallel(model, 2, micro_batch=2) as dp:
             out = [dp.loss_and_grads(idx, tgt, train=True) for _ in range(3)]
         runs.append(out)
     for (l1, g1), (l2, g2) in zip(*runs):
@@ -81,57 +115,79 @@ def test_training_steps_are_reproducible():
         assert all(np.array_equal(g1[k], g2[k]) for k in g1)
 
 
-def test_one_worker_is_the_plain_model():
+def test_one_micro_batch_on_one_worker_is_the_plain_model():
     a, b = small_model(), small_model()
     idx, tgt = batch(4)
-    with DataParallel(a, 1) as dp:
+    with DataParallel(a, 1, micro_batch=4) as dp:
+        assert dp.pids() == []  # no processes: it all runs here
         la, ga = dp.loss_and_grads(idx, tgt, train=True)
-    lb, gb = b.loss_and_grads(idx, tgt, train=True)
+    (seed,) = np.random.default_rng(0).integers(0, 2 ** 63, size=1)
+    lb, gb = b.loss_and_grads(idx, tgt, train=True, rng=np.random.default_rng(seed))
     assert la == lb and max_diff(ga, gb) == 0.0
 
 
-def test_blas_threads_single_while_open_and_restored_after():
-    before = blas_threads()
-    if before is None:
-        pytest.skip("this BLAS's thread count cannot be controlled here")
+def test_close_stops_the_workers():
+    dp = DataParallel(small_model(), 2)
+    pids = dp.pids()
+    assert len(pids) == 2
+    dp.loss(*batch(4))
+    dp.close()
+    dp.close()  # a second close changes nothing
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+    with pytest.raises(RuntimeError, match="closed"):
+        dp.loss(*batch(4))
+
+
+def test_a_killed_worker_is_reported_not_waited_for():
     with DataParallel(small_model(), 2) as dp:
-        assert dp.threaded
-        assert blas_threads() == 1
-    assert blas_threads() == before
+        dp.loss(*batch(4))
+        dp._procs[1].kill()
+        dp._procs[1].join()
+        with pytest.raises(RuntimeError, match="stopped"):
+            dp.loss(*batch(4))
 
 
-def test_blas_setting_survives_overlapping_objects():
-    """BLAS stays single-threaded until the last open DataParallel closes, in any order."""
-    before = blas_threads()
-    if before is None:
-        pytest.skip("this BLAS's thread count cannot be controlled here")
-    a, b = DataParallel(small_model(), 2), DataParallel(small_model(), 2)
-    a.close()
-    assert blas_threads() == 1  # b is still running micro-batches on single-threaded BLAS
-    b.close()
-    b.close()  # a second close changes nothing
-    assert blas_threads() == before
-
-
-def test_errstate_reaches_the_workers():
+def test_a_worker_error_is_raised_here_and_the_workers_carry_on():
+    """np.errstate reaches the workers; the FloatingPointError they raise comes back as itself."""
     model = small_model(dropout=0.0)
-    model.flat[:] = 1e300  # overflows everywhere
     idx, tgt = batch(4)
-    with DataParallel(model, 2) as dp, np.errstate(over="raise", invalid="raise"):
-        with pytest.raises(FloatingPointError):
-            dp.loss_and_grads(idx, tgt)
+    with DataParallel(model, 2, micro_batch=2) as dp:
+        good = dp.loss(idx, tgt)
+        saved = model.flat.copy()
+        model.flat[:] = 1e300  # overflows everywhere
+        with np.errstate(over="raise", invalid="raise"):
+            with pytest.raises(FloatingPointError):
+                dp.loss_and_grads(idx, tgt)
+        model.flat[:] = saved
+        assert dp.loss(idx, tgt) == good
 
 
-def test_empty_batch_is_refused():
+def test_bad_input_is_refused_before_reaching_the_workers():
     with DataParallel(small_model(), 2) as dp:
         with pytest.raises(ValueError, match="empty"):
             dp.loss_and_grads(np.zeros((0, 8), int), np.zeros((0, 8), int))
+        with pytest.raises(ValueError, match="token ids"):
+            dp.loss(np.full((2, 8), 99), np.zeros((2, 8), int))
+        assert dp.loss(*batch(2)) > 0  # still in step with its workers
 
 
-def test_workers_flag_is_checked(capsys, tmp_path):
+def test_blas_threads_can_be_set_and_restored():
+    before = blas_threads()
+    if before is None:
+        pytest.skip("this BLAS's thread count cannot be controlled here")
+    assert blas_threads(1) == before
+    assert blas_threads() == 1
+    blas_threads(before)
+    assert blas_threads() == before
+
+
+def test_workers_and_micro_batch_flags_are_checked(capsys, tmp_path):
     data = tmp_path / "t.txt"
     data.write_text("hello world, " * 200, encoding="utf-8")
-    for workers in ("0", "33"):
-        assert train_main(["--data", str(data), "--workers", workers, "--out", str(tmp_path / "w.npz")]) == 2
+    for args, message in ((["--workers", "0"], "--workers must be between 1 and --batch-size (32), got 0"),
+                          (["--workers", "33"], "--workers must be between 1 and --batch-size (32), got 33"),
+                          (["--micro-batch", "0"], "--micro-batch must be positive, got 0")):
+        assert train_main(["--data", str(data), *args, "--out", str(tmp_path / "w.npz")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"train: error: --workers must be between 1 and --batch-size (32), got {workers}"]
+        assert err == [f"train: error: {message}"]

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,19 +63,35 @@ def test_resume_is_bitwise_identical(tmp_path, text_file):
     assert la == lb and len(la) == 30
 
 
-def test_resume_keeps_the_checkpoints_workers_and_batch_size(tmp_path, text_file):
-    """--workers changes the dropout masks, so a resumed run must keep the checkpoint's value."""
+def test_resume_keeps_the_checkpoints_micro_batch_and_batch_size(tmp_path, text_file):
+    """--micro-batch changes the dropout masks, so a resumed run must keep the checkpoint's value."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert T.main(run_args(a, text_file, "--max-steps", "20", "--workers", "1")) == 0
-    assert T.main(run_args(b, text_file, "--max-steps", "8", "--workers", "1")) == 0
-    # the command line also asks for another batch size: the checkpoint's recipe wins
-    assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume", "--workers", "2",
+    assert T.main(run_args(a, text_file, "--max-steps", "20", "--micro-batch", "2")) == 0
+    assert T.main(run_args(b, text_file, "--max-steps", "8", "--micro-batch", "2")) == 0
+    # the command line also asks for another batch size and micro-batch: the checkpoint's recipe wins
+    assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume", "--micro-batch", "1",
                            "--batch-size", "2")) == 0
     assert np.array_equal(TinyLLM.load(a / "w.npz").flat, TinyLLM.load(b / "w.npz").flat)
     # and the two settings really differ, or this test would prove nothing
     c = tmp_path / "c"
-    assert T.main(run_args(c, text_file, "--max-steps", "20", "--workers", "2")) == 0
+    assert T.main(run_args(c, text_file, "--max-steps", "20", "--micro-batch", "1")) == 0
     assert not np.array_equal(TinyLLM.load(a / "w.npz").flat, TinyLLM.load(c / "w.npz").flat)
+
+
+def test_resume_of_a_checkpoint_from_before_micro_batches(tmp_path, text_file):
+    """An older checkpoint records --workers (one micro-batch per worker), not --micro-batch."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert T.main(run_args(a, text_file, "--max-steps", "12", "--micro-batch", "2")) == 0
+    assert T.main(run_args(b, text_file, "--max-steps", "6", "--micro-batch", "2")) == 0
+    config, params, chars, m, v, state = T.load_checkpoint(b / "ck.npz")
+    del state["hparams"]["micro_batch"]
+    state["hparams"]["workers"] = 2  # batch 4 over 2 workers: micro-batches of 2
+    old = TinyLLM(config, chars=chars)
+    for k, p in params.items():
+        old.params[k][...] = p
+    T.save_checkpoint(b / "ck.npz", old, SimpleNamespace(m=m, v=v), state)
+    assert T.main(run_args(b, text_file, "--max-steps", "12", "--resume", "--workers", "1")) == 0
+    assert np.array_equal(TinyLLM.load(a / "w.npz").flat, TinyLLM.load(b / "w.npz").flat)
 
 
 def test_sigint_saves_checkpoint_and_resume_matches(tmp_path, text_file):

@@ -66,20 +66,25 @@ def step_flops(cfg, B, T):
     return 3 * per_token * B * T
 
 
-def bench_numpy_step(cfg, B, T, steps, workers, seed=0):
-    """Median seconds of a training step as train.py runs it: the batch split over ``workers`` threads."""
+def bench_numpy_step(cfg, B, T, steps, workers, micro_batch, seed=0):
+    """(median seconds, workers' peak RSS in MB) of a training step as train.py runs it.
+
+    The batch is cut into micro-batches of ``micro_batch`` sequences, run by
+    ``workers`` processes; the optimizer step runs in this process.
+    """
     model = TinyLLM(cfg, seed=seed)
     opt = AdamW(model.params, lr=3e-3, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     x = rng.integers(0, cfg.vocab_size, (B, T))
     y = rng.integers(0, cfg.vocab_size, (B, T))
-    with DataParallel(model, workers) as dp:
+    with DataParallel(model, workers, micro_batch) as dp:
 
         def step():
             _, grads = dp.loss_and_grads(x, y, train=True)
             opt.step(grads)
 
-        return median_time(step, steps)
+        t = median_time(step, steps)
+        return t, sum(peak_rss_of(pid) for pid in dp.pids())
 
 
 def bench_torch_step(cfg, B, T, steps, seed=0):
@@ -145,6 +150,18 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+def peak_rss_of(pid):
+    """Peak resident memory (MB) of a running process, from /proc (Linux); 0 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def machine():
     cpu = platform.processor() or platform.machine()
     try:
@@ -163,13 +180,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (median)")
     ap.add_argument("--gen-chars", type=int, default=500, help="characters generated per generation test")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
-    ap.add_argument("--workers", type=int, default=2, help="threads of the data-parallel step (train.py's --workers)")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes of the training step (train.py's --workers)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch (train.py's --micro-batch)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's allocator settings alone (to see what reuse_freed_memory buys)")
     args = ap.parse_args(argv)
     B, T = 32, 128
-    if args.steps < 1 or args.gen_chars < 1 or not 1 <= args.workers <= B:
-        ap.error(f"--steps and --gen-chars must be positive, --workers between 1 and {B}")
+    if args.steps < 1 or args.gen_chars < 1 or args.micro_batch < 1 or not 1 <= args.workers <= B:
+        ap.error(f"--steps, --gen-chars and --micro-batch must be positive, --workers between 1 and {B}")
     print(f"machine: {machine()}")
     if args.default_malloc:
         print("allocator: glibc defaults (--default-malloc)")
@@ -181,17 +199,20 @@ def main(argv=None):
     rows = []
     flops = step_flops(Config(vocab_size=59), B, T)
     print(f"training step: B={B}, T={T}, AdamW, {flops / 1e9:.1f} GFLOP of matmuls; median of {args.steps}")
+    workers_rss = 0.0
     for p in (0.1, 0.0):
         cfg = Config(vocab_size=59, dropout=p)
         for workers in dict.fromkeys((args.workers, 1)):
-            t = bench_numpy_step(cfg, B, T, args.steps, workers)
+            t, rss = bench_numpy_step(cfg, B, T, args.steps, workers, args.micro_batch)
+            workers_rss = max(workers_rss, rss)
             rows.append((p, workers, t))
-            how = (f"{workers} workers, BLAS 1 thread each" if workers > 1
-                   else f"1 worker, BLAS {blas_threads()} threads")
-            print(f"numpy training step, dropout {p}, {how}: {t * 1e3:.1f} ms  ({B * T / t:,.0f} tokens/s, "
-                  f"{flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / 1e9 / peak:.0f}% of peak)")
+            how = (f"{workers} worker processes, BLAS 1 thread each" if workers > 1
+                   else f"1 worker (this process), BLAS {blas_threads()} threads")
+            print(f"numpy training step, dropout {p}, micro-batches of {args.micro_batch}, {how}: {t * 1e3:.1f} ms  "
+                  f"({B * T / t:,.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / 1e9 / peak:.0f}% of peak)")
     train_rss = peak_rss_mb()
-    print(f"peak RSS after the training steps: {train_rss:.0f} MB")
+    print(f"peak RSS of the training steps: {train_rss + workers_rss:.0f} MB "
+          f"(this process {train_rss:.0f} MB + its workers {workers_rss:.0f} MB)")
     model = TinyLLM(Config(vocab_size=59), seed=0)
     gen = {}
     for plen in (8, 128):

@@ -75,9 +75,13 @@ def build_parser():
     g.add_argument("--clip", type=float, default=0.0, help="clip gradients to this global norm (0: off)")
     g.add_argument("--dropout", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--micro-batch", type=int, default=4,
+                   help="sequences per micro-batch: each batch is cut into micro-batches of at most this many, "
+                        "gradients accumulated; dropout masks are drawn per micro-batch (see parallel.py) "
+                        "(default: %(default)s)")
     g.add_argument("--workers", type=int, default=2,
-                   help="threads; each step's batch is split into this many micro-batches, run at once "
-                        "(see parallel.py; 1: one batch on BLAS's own threads) (default: %(default)s)")
+                   help="worker processes running the micro-batches at once, one core each; the results do not "
+                        "depend on it beyond float rounding (1: all in this process) (default: %(default)s)")
     m = ap.add_argument_group("model shape (defaults: the original TinyLLM)")
     m.add_argument("--d-model", type=int, default=128)
     m.add_argument("--n-layers", type=int, default=3)
@@ -115,6 +119,7 @@ def validate_args(args):
         (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
         (1 <= args.workers <= args.batch_size,
          f"--workers must be between 1 and --batch-size ({args.batch_size}), got {args.workers}"),
+        (args.micro_batch >= 1, f"--micro-batch must be positive, got {args.micro_batch}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
         (0 < args.val_frac < 1, f"--val-frac must be between 0 and 1, got {args.val_frac}"),
         (args.ckpt_every > 0, f"--ckpt-every must be positive, got {args.ckpt_every}"),
@@ -355,7 +360,9 @@ def train(args):
         for k, v in params.items():
             model.params[k][...] = v
         hp = state["hparams"]
-        hp.setdefault("workers", args.workers)  # a checkpoint from before --workers existed
+        if "micro_batch" not in hp:  # an older checkpoint: its batch was split into one micro-batch per worker
+            hp["micro_batch"] = math.ceil(hp["batch_size"] / hp.get("workers", 1))
+        hp.pop("workers", None)  # the workers do not change the numbers: the command line's count runs
         for k, v in hp.items():  # the recipe is the checkpoint's, whatever the command line says
             setattr(args, k, v)
     else:
@@ -390,7 +397,7 @@ def train(args):
         step = state["step"]
     hparams = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "schedule", "warmup",
                                              "weight_decay", "beta1", "beta2", "clip", "seed", "val_frac",
-                                             "workers")}
+                                             "micro_batch")}
     train_eval = fixed_windows(train_ids, B, T, args.eval_batches, seed=args.seed + 101)
     val_eval = fixed_windows(val_ids, B, T, args.eval_batches, seed=args.seed + 202)
 
@@ -402,7 +409,7 @@ def train(args):
     progress = Progress(total, args.quiet, args.log_every)
     progress.note(f"training {model.n_params:,} parameters on {len(train_ids):,} characters "
                   f"({len(val_ids):,} held out), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
-                  f"{total} steps, batch split over {args.workers} worker(s)"
+                  f"{total} steps, micro-batches of {args.micro_batch} on {args.workers} worker(s)"
                   + (f", resuming at step {step}" if step else ""))
     stop = StopRequest()
     old_handlers, dp = {}, None
@@ -411,10 +418,7 @@ def train(args):
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
             old_handlers[s] = signal.signal(s, stop)
-        dp = DataParallel(model, args.workers)
-        if args.workers > 1 and not dp.threaded:
-            progress.note("note: BLAS's thread count cannot be set here, so the micro-batches run one after "
-                          "another (same results, no speed-up)")
+        dp = DataParallel(model, args.workers, args.micro_batch)
         while step < total:
             if stop.signum is not None:
                 break
