@@ -72,14 +72,18 @@ def _layernorm_backward_no_var_term(dout, cache):
 
 def _attention_backward_no_softmax_sum(dout, cache):
     """Treats softmax as elementwise: dS = A * dA, dropping the row-sum term."""
-    qkv_cache, q, kT, v, att, drop_cache, out_cache, scale, H = cache
+    qkv_cache, q, kT, v, blocks, out_cache, scale, H = cache
     k = kT.transpose(0, 1, 3, 2)
-    att_d = L.dropout_backward(att, drop_cache)
     B, _, T, D = q.shape
     dy, dw_out, db_out = L.linear_backward(dout, out_cache)
     dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)
-    datt = L.dropout_backward(dy @ v.transpose(0, 1, 3, 2), drop_cache) * att  # missing: - sum(dA * A)
-    dq, dk, dv = (datt @ k) * scale, datt.transpose(0, 1, 3, 2) @ q, att_d.transpose(0, 1, 3, 2) @ dy
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(q), np.zeros_like(q)
+    for s, e, att, drop_cache in blocks:
+        att_d = L.dropout_backward(att, drop_cache)
+        datt = L.dropout_backward(dy[:, :, s:e] @ v[:, :, :e].transpose(0, 1, 3, 2), drop_cache) * att  # missing:
+        dq[:, :, s:e] = (datt @ k[:, :, :e]) * scale                                                  # - sum(dA * A)
+        dk[:, :, :e] += datt.transpose(0, 1, 3, 2) @ q[:, :, s:e]
+        dv[:, :, :e] += att_d.transpose(0, 1, 3, 2) @ dy[:, :, s:e]
     dqkv = np.stack((dq, dk, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)
     dx, dw_in, db_in = L.linear_backward(dqkv, qkv_cache)
     return dx, dw_in, db_in, dw_out, db_out
@@ -102,6 +106,31 @@ def test_check_catches_broken_attention_backward():
     assert errors["x"].rel > 1e-3 and errors["in_proj_weight"].rel > 1e-3
     assert errors["x"].max_entry > 0.1 and errors["in_proj_weight"].max_entry > 0.1
     assert errors["out_proj.weight"].rel < gc.TOLERANCE
+
+
+def test_query_blocks_cover_every_query_once():
+    for T in (1, 2, 5, 128):
+        for n in (1, 2, 3, 200):
+            blocks = L.query_blocks(T, n)
+            assert blocks[0][0] == 0 and blocks[-1][1] == T and len(blocks) == min(n, T)
+            assert all(e0 == s1 for (_, e0), (s1, _) in zip(blocks, blocks[1:]))
+
+
+def test_attention_query_blocks_change_nothing():
+    """The blocks skip only what the causal mask zeroes: same output and gradients for any count."""
+    rng = np.random.default_rng(0)
+    B, T, C, H = 2, 7, 8, 2
+    x, w_in, b_in = rng.standard_normal((B, T, C)), rng.standard_normal((3 * C, C)), rng.standard_normal(3 * C)
+    w_out, b_out, dout = rng.standard_normal((C, C)), rng.standard_normal(C), rng.standard_normal((B, T, C))
+    ref = None
+    for n in (1, 2, 3, 7):
+        out, cache = L.attention_forward(x, w_in, b_in, w_out, b_out, H, n_blocks=n)
+        assert len(cache[4]) == n
+        result = [out, *L.attention_backward(dout, cache)]
+        if ref is None:
+            ref = result
+        for a, b in zip(result, ref):
+            assert np.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_check_catches_broken_gelu_backward():

@@ -21,6 +21,7 @@ import numpy as np
 from .alloc import reuse_freed_memory
 from .cli import OneLineParser
 from .generate import Decoder, sample
+from .layers import query_blocks
 from .model import Config, TinyLLM
 from .optim import AdamW
 from .parallel import DataParallel, blas_threads
@@ -57,13 +58,15 @@ def _timed(fn):
 def step_flops(cfg, B, T):
     """Matmul flops of one training step: forward, plus twice that for the backward.
 
-    Per token and layer: QKV 2*C*3C, scores 2*T*C, A@V 2*T*C, out proj 2*C*C,
-    FFN 2 * 2*C*F; then the head 2*C*V.  (The full T x T scores are computed,
-    as in the code, though the causal mask hides half of them.)
+    Per token and layer: QKV 2*C*3C, out proj 2*C*C, FFN 2 * 2*C*F; then the
+    head 2*C*V.  Attention's two products (q k^T and A v) count the scores the
+    code computes: query block s..e-1 against keys 0..e-1 (layers.query_blocks),
+    2*e*C flops a query for each product.
     """
     C, F, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
-    per_token = L * (6 * C * C + 4 * T * C + 2 * C * C + 4 * C * F) + 2 * C * V
-    return 3 * per_token * B * T
+    scores = sum((e - s) * e for s, e in query_blocks(T))  # (query, key) pairs computed per sequence and head
+    per_seq_layer = T * (6 * C * C + 2 * C * C + 4 * C * F) + 4 * scores * C
+    return 3 * B * (L * per_seq_layer + T * 2 * C * V)
 
 
 def bench_numpy_step(cfg, B, T, steps, workers, micro_batch, seed=0):

@@ -248,7 +248,19 @@ def softmax(x, out=None):
     return e
 
 
-def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None):
+def query_blocks(T, n_blocks=2):
+    """(s, e) bounds of n_blocks near-equal blocks of query positions, in order.
+
+    Causal attention lets query i see keys 0..i only, so the queries s..e-1
+    need scores against keys 0..e-1 alone: the (T,T) score matrix is computed
+    block by block, skipping the top-right part that the mask would zero.
+    With 2 blocks that skips a quarter of attention's work.
+    """
+    bounds = np.linspace(0, T, min(n_blocks, T) + 1).round().astype(int)
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None, n_blocks=2):
     """Causal multi-head self-attention, PyTorch's nn.MultiheadAttention layout.
 
         q, k, v = split(x @ w_in.T + b_in)               fused projection, w_in is (3C, C)
@@ -258,7 +270,9 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
 
     Heads are a batch axis: (B,T,C) is viewed as (B,H,T,D), so one batched
     matmul serves every head at once.  q is scaled by 1/sqrt(D) before the
-    product (fewer entries than the (T,T) scores).
+    product (fewer entries than the (T,T) scores).  The queries are taken in
+    ``n_blocks`` blocks (``query_blocks``): block s..e-1 scores only keys
+    0..e-1, since the mask hides the rest from it.
 
     Layouts: each batched product reads C-contiguous (T,D) or (D,T) blocks, so
     k is stored transposed, as kT (B,H,D,T).  BLAS multiplies a contiguous
@@ -274,16 +288,19 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     q = np.multiply(q, scale, order="C")  # q / sqrt(D), contiguous (B,H,T,D)
     kT = np.ascontiguousarray(k.transpose(0, 1, 3, 2))  # (B,H,D,T)
     v = np.ascontiguousarray(v)  # (B,H,T,D)
-    att = q @ kT  # (B,H,T,D) @ (B,H,D,T) -> (B,H,T,T)
-    att += causal_mask(T, x.dtype)
-    softmax(att, out=att)
-    att_d, drop_cache = dropout_forward(att, p_drop, rng)
     y = np.empty((B, T, C), dtype=x.dtype)
-    # (B,H,T,T) @ (B,H,T,D) -> (B,H,T,D), written as a view of y: the heads land side by side, (B,T,C)
-    np.matmul(att_d, v, out=y.reshape(B, T, H, D).transpose(0, 2, 1, 3))
-    del att_d  # the backward rebuilds it from att and the mask: 8 MB less held per layer
+    yh = y.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B,H,T,D) view of y: the heads land side by side
+    blocks = []
+    for s, e in query_blocks(T, n_blocks):
+        att = q[:, :, s:e] @ kT[:, :, :, :e]  # (B,H,Tb,D) @ (B,H,D,e) -> (B,H,Tb,e)
+        att += causal_mask(T, x.dtype)[s:e, :e]
+        softmax(att, out=att)
+        att_d, drop_cache = dropout_forward(att, p_drop, rng)
+        np.matmul(att_d, v[:, :, :e], out=yh[:, :, s:e])  # (B,H,Tb,e) @ (B,H,e,D) -> (B,H,Tb,D)
+        # att_d is not kept: the backward rebuilds it from att and the mask (4 MB less held per layer)
+        blocks.append((s, e, att, drop_cache))
     out, out_cache = linear_forward(y, w_out, b_out)  # (B,T,C) -> (B,T,C)
-    return out, (qkv_cache, q, kT, v, att, drop_cache, out_cache, scale, H)
+    return out, (qkv_cache, q, kT, v, blocks, out_cache, scale, H)
 
 
 def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_cache, pos):
@@ -326,28 +343,34 @@ def attention_backward(dout, cache):
     S = q k^T / sqrt(D)           ->  dq = dS k / sqrt(D),  dk = dS^T q / sqrt(D)
     q, k, v = split(x @ w_in.T + b_in)
                                   ->  stack (dq, dk, dv) back into (B,T,3C), linear backward
-    Returns (dx, dw_in, db_in, dw_out, db_out).
+    Block by block as in the forward: query block s..e-1 gives its own rows of
+    dq, and adds into dk and dv for keys 0..e-1.  Returns (dx, dw_in, db_in, dw_out, db_out).
     """
-    qkv_cache, q, kT, v, att, drop_cache, out_cache, scale, H = cache  # q is already scaled
+    qkv_cache, q, kT, v, blocks, out_cache, scale, H = cache  # q is already scaled
     B, _, T, D = q.shape
     C = H * D
     dy, dw_out, db_out = linear_backward(dout, out_cache)
     dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3).copy()  # (B,T,C) -> contiguous (B,H,T,D)
     vT = np.ascontiguousarray(v.transpose(0, 1, 3, 2))  # (B,H,D,T): contiguous operands, as in the forward
-    datt = dy @ vT  # dAd = dy v^T: (B,H,T,D) @ (B,H,D,T) -> (B,H,T,T)
-    # dq, dk, dv are written by the matmuls straight into x's (B,T,3,H,D) layout, ready for the linear backward
+    k = np.ascontiguousarray(kT.transpose(0, 1, 3, 2))  # (B,H,T,D)
+    # dq, dk, dv are written straight into x's (B,T,3,H,D) layout, ready for the linear backward
     dqkv = np.empty((B, T, 3 * C), dtype=dy.dtype)
     dq, dk, dv = dqkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # 3 x (B,H,T,D), views
-    att_d = dropout_backward(att, drop_cache)  # rebuild Ad = A * m (the same product as dropout's backward)
-    np.matmul(att_d.transpose(0, 1, 3, 2), dy, out=dv)  # dv = Ad^T dy
-    del att_d
-    datt = dropout_backward(datt, drop_cache)  # dA = dAd * m
-    datt -= np.einsum("bhij,bhij->bhi", datt, att)[..., None]  # dA - sum_j(dA * A)
-    datt *= att  # now dS, the gradient of the pre-softmax scores
-    k = np.ascontiguousarray(kT.transpose(0, 1, 3, 2))  # (B,H,T,D)
-    np.matmul(datt, k, out=dq)
+    for s, e, att, drop_cache in reversed(blocks):  # the last block sees every key: it writes dk, dv first
+        dyb = dy[:, :, s:e]  # (B,H,Tb,D)
+        datt = dyb @ vT[:, :, :, :e]  # dAd = dy v^T: (B,H,Tb,D) @ (B,H,D,e) -> (B,H,Tb,e)
+        att_d = dropout_backward(att, drop_cache)  # rebuild Ad = A * m (the same product as dropout's backward)
+        dv_b = np.matmul(att_d.transpose(0, 1, 3, 2), dyb, out=dv if e == T else None)  # dv = Ad^T dy
+        del att_d
+        datt = dropout_backward(datt, drop_cache)  # dA = dAd * m
+        datt -= np.einsum("bhij,bhij->bhi", datt, att)[..., None]  # dA - sum_j(dA * A)
+        datt *= att  # now dS, the gradient of the pre-softmax scores
+        np.matmul(datt, k[:, :, :e], out=dq[:, :, s:e])
+        dk_b = np.matmul(datt.transpose(0, 1, 3, 2), q[:, :, s:e], out=dk if e == T else None)  # dS^T (q/sqrt(D))
+        if e != T:  # keys 0..e-1 also got gradient from the later blocks
+            dv[:, :, :e] += dv_b
+            dk[:, :, :e] += dk_b
     dq *= scale  # dq = dS k / sqrt(D)
-    np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)  # dk = dS^T (q / sqrt(D))
     dx, dw_in, db_in = linear_backward(dqkv, qkv_cache)
     return dx, dw_in, db_in, dw_out, db_out
 
