@@ -191,3 +191,30 @@ def test_workers_and_micro_batch_flags_are_checked(capsys, tmp_path):
         assert train_main(["--data", str(data), *args, "--out", str(tmp_path / "w.npz")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"train: error: {message}"]
+
+
+class _RecvInterrupted:
+    """A pipe end whose recv is interrupted, as by Ctrl-C while waiting for a worker."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def send(self, obj):
+        self.conn.send(obj)
+
+    def recv(self):
+        raise KeyboardInterrupt
+
+    def close(self):
+        self.conn.close()
+
+
+def test_an_interrupted_call_closes_instead_of_leaving_replies_behind():
+    dp = DataParallel(small_model(), 2)
+    pids = dp.pids()
+    dp._conns[0] = _RecvInterrupted(dp._conns[0])
+    with pytest.raises(KeyboardInterrupt):
+        dp.loss(*batch(4))
+    assert dp.closed
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()

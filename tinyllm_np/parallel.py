@@ -186,8 +186,11 @@ class DataParallel:
 
     workers=1 runs the micro-batches one after another in this process, with
     the same results up to float rounding (the workers' sums are added in
-    another order).  The worker processes start in __init__ (about half a
-    second) and stop in close().
+    another order).  The worker processes start in __init__ (each imports
+    NumPy: about half a second) and stop in close().  They are started with
+    multiprocessing's "spawn" method, so, as with any multiprocessing code, a
+    script that makes a DataParallel must guard its entry point with
+    ``if __name__ == "__main__":``.
     """
 
     def __init__(self, model, workers=2, micro_batch=4):
@@ -282,14 +285,18 @@ class DataParallel:
         self._params[...] = model.flat
         err = np.geterr()
         shares = split_batch(len(parts), self.workers)  # consecutive micro-batches per worker
-        for conn, share in zip(self._conns, shares):
-            conn.send((idx, targets, chunks[share], seeds[share], want_grads, train, err))
         replies = []
-        for slot, conn in enumerate(self._conns[:len(shares)]):
-            try:
-                replies.append(conn.recv())
-            except EOFError:
-                raise RuntimeError(f"DataParallel worker {slot} exited unexpectedly") from None
+        try:
+            for conn, share in zip(self._conns, shares):
+                conn.send((idx, targets, chunks[share], seeds[share], want_grads, train, err))
+            for slot, conn in enumerate(self._conns[:len(shares)]):
+                try:
+                    replies.append(conn.recv())
+                except EOFError:
+                    raise RuntimeError(f"DataParallel worker {slot} exited unexpectedly") from None
+        except BaseException:  # e.g. Ctrl-C while waiting: replies would be left in the pipes, out of step
+            self.close()
+            raise
         for status, value in replies:
             if status == "error":
                 raise value
