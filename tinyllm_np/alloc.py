@@ -8,10 +8,7 @@ time.  Raising malloc's mmap threshold above our largest array and its trim
 threshold above a step's working set keeps those blocks in the heap, where the
 next step reuses them.  Nothing else changes: same arrays, same results.
 
-Threads (parallel.py) get a heap ("arena") each by default, and a fresh arena
-grows and shrinks in mmap'd pieces of its own, with the same page faults; one
-arena for the whole process lets every thread reuse every freed block.  Measured
-here on the 2-worker training step: 146 -> 135 ms, peak RSS 254 -> 246 MB.
+Each worker process of parallel.py makes the same call for itself.
 
 This is a process-wide allocator setting made through ctypes; where glibc is not
 the C library (macOS, Windows, musl), it does nothing.
@@ -22,7 +19,6 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
 
 
 def reuse_freed_memory(mmap_threshold=32 << 20, trim_threshold=1 << 30):
@@ -34,4 +30,4 @@ def reuse_freed_memory(mmap_threshold=32 << 20, trim_threshold=1 << 30):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(mallopt(param, value) for param, value in
-               ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold), (M_ARENA_MAX, 1)))
+               ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold)))
