@@ -89,8 +89,8 @@ def flat_views(shapes, buf):
 
 def _layernorm_vector(x, w, b, eps=L.LN_EPS):
     """layers.layernorm_forward for one (C,) vector, in fewer NumPy calls; no backward cache."""
-    xc = x - np.add.reduce(x) / x.size  # x - mu
-    xc *= 1.0 / np.sqrt(np.dot(xc, xc) / x.size + eps)  # / sqrt(var + eps)
+    xc = x - float(np.add.reduce(x)) / x.size  # x - mu (the scalar math in Python floats: fewer NumPy calls)
+    xc *= 1.0 / math.sqrt(float(np.dot(xc, xc)) / x.size + eps)  # / sqrt(var + eps)
     xc *= w
     xc += b
     return xc
@@ -263,7 +263,11 @@ class TinyLLM:
             K[:, pos], V[:, pos] = k, v
             q *= scale
             att = np.matmul(K[:, :n], q[:, :, None])[:, :, 0]  # (H,n,D) @ (H,D,1) -> (H,n)
-            L.softmax(att, out=att)  # the newest token may see every cached one: no mask
+            # softmax over the n keys (layers.softmax, in fewer calls for 4 short rows); the newest
+            # token may see every cached one: no mask
+            att -= np.fmax.reduce(att, axis=1, keepdims=True)
+            np.exp(att, out=att)
+            att /= np.add.reduce(att, axis=1, keepdims=True)
             y = np.matmul(att[:, None, :], V[:, :n])  # (H,1,n) @ (H,n,D) -> (H,1,D)
             a = np.dot(w_out, y.reshape(C))  # heads side by side, (C,C) @ (C,) -> (C,)
             a += b_out
