@@ -218,3 +218,14 @@ def test_an_interrupted_call_closes_instead_of_leaving_replies_behind():
     assert dp.closed
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+
+
+def test_workers_take_this_process_allocator_setting(monkeypatch):
+    """alloc.reuse_freed_memory in the caller means the same in each worker; not calling it, neither."""
+    from tinyllm_np import alloc
+
+    for setting in (False, True):
+        monkeypatch.setattr(alloc, "_in_effect", setting)
+        with DataParallel(small_model(), 2) as dp:
+            assert dp.reuse_memory == setting  # handed to each worker as it starts
+            assert dp.loss(*batch(4)) > 0

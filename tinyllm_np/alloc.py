@@ -8,7 +8,8 @@ time.  Raising malloc's mmap threshold above our largest array and its trim
 threshold above a step's working set keeps those blocks in the heap, where the
 next step reuses them.  Nothing else changes: same arrays, same results.
 
-Each worker process of parallel.py makes the same call for itself.
+The worker processes of parallel.py make the same call for themselves when the
+process that starts them has made it (``in_effect``).
 
 This is a process-wide allocator setting made through ctypes; where glibc is not
 the C library (macOS, Windows, musl), it does nothing.
@@ -21,13 +22,24 @@ M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 
 
+_in_effect = False
+
+
 def reuse_freed_memory(mmap_threshold=32 << 20, trim_threshold=1 << 30):
     """Ask glibc to keep freed blocks for reuse; returns True if the setting took effect."""
+    global _in_effect
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return all(mallopt(param, value) for param, value in
-               ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold)))
+    ok = all(mallopt(param, value) for param, value in
+             ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold)))
+    _in_effect = _in_effect or ok
+    return ok
+
+
+def in_effect():
+    """True once reuse_freed_memory has taken effect in this process."""
+    return _in_effect

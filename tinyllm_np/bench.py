@@ -186,7 +186,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2, help="worker processes of the training step (train.py's --workers)")
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch (train.py's --micro-batch)")
     ap.add_argument("--default-malloc", action="store_true",
-                    help="leave glibc's allocator settings alone (to see what reuse_freed_memory buys)")
+                    help="leave glibc's allocator settings alone, here and in the workers "
+                         "(to see what reuse_freed_memory buys)")
     args = ap.parse_args(argv)
     B, T = 32, 128
     if args.steps < 1 or args.gen_chars < 1 or args.micro_batch < 1 or not 1 <= args.workers <= B:
