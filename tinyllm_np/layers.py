@@ -248,6 +248,7 @@ def softmax(x, out=None):
     return e
 
 
+@lru_cache(maxsize=64)
 def query_blocks(T, n_blocks=2):
     """(s, e) bounds of n_blocks near-equal blocks of query positions, in order.
 
@@ -257,7 +258,7 @@ def query_blocks(T, n_blocks=2):
     With 2 blocks that skips a quarter of attention's work.
     """
     bounds = np.linspace(0, T, min(n_blocks, T) + 1).round().astype(int)
-    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    return tuple(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
 def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None, n_blocks=2):
@@ -352,7 +353,7 @@ def attention_backward(dout, cache):
     dy, dw_out, db_out = linear_backward(dout, out_cache)
     dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3).copy()  # (B,T,C) -> contiguous (B,H,T,D)
     vT = np.ascontiguousarray(v.transpose(0, 1, 3, 2))  # (B,H,D,T): contiguous operands, as in the forward
-    k = np.ascontiguousarray(kT.transpose(0, 1, 3, 2))  # (B,H,T,D)
+    k = np.multiply(kT.transpose(0, 1, 3, 2), scale, order="C")  # k / sqrt(D), contiguous (B,H,T,D)
     # dq, dk, dv are written straight into x's (B,T,3,H,D) layout, ready for the linear backward
     dqkv = np.empty((B, T, 3 * C), dtype=dy.dtype)
     dq, dk, dv = dqkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # 3 x (B,H,T,D), views
@@ -365,12 +366,11 @@ def attention_backward(dout, cache):
         datt = dropout_backward(datt, drop_cache)  # dA = dAd * m
         datt -= np.einsum("bhij,bhij->bhi", datt, att)[..., None]  # dA - sum_j(dA * A)
         datt *= att  # now dS, the gradient of the pre-softmax scores
-        np.matmul(datt, k[:, :, :e], out=dq[:, :, s:e])
+        np.matmul(datt, k[:, :, :e], out=dq[:, :, s:e])  # dq = dS (k / sqrt(D))
         dk_b = np.matmul(datt.transpose(0, 1, 3, 2), q[:, :, s:e], out=dk if e == T else None)  # dS^T (q/sqrt(D))
         if e != T:  # keys 0..e-1 also got gradient from the later blocks
             dv[:, :, :e] += dv_b
             dk[:, :, :e] += dk_b
-    dq *= scale  # dq = dS k / sqrt(D)
     dx, dw_in, db_in = linear_backward(dqkv, qkv_cache)
     return dx, dw_in, db_in, dw_out, db_out
 
