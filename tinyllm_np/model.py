@@ -297,32 +297,32 @@ class TinyLLM:
     # ----------------------------------------------------------- backward
 
     def _block_backward(self, dout, i, cache, grads):
-        """Backward of one encoder layer; writes its parameter gradients into grads."""
+        """Backward of one encoder layer; adds its parameter gradients into grads."""
         cfg, q = self.config, f"layers.{i}."
         ca, cn1, cf, cn2 = cache
 
         def attn_back(da):
             c_att, c_drop = ca
             dx, dwi, dbi, dwo, dbo = L.attention_backward(L.dropout_backward(da, c_drop), c_att)
-            grads[q + "self_attn.in_proj_weight"][...] = dwi
-            grads[q + "self_attn.in_proj_bias"][...] = dbi
-            grads[q + "self_attn.out_proj.weight"][...] = dwo
-            grads[q + "self_attn.out_proj.bias"][...] = dbo
+            grads[q + "self_attn.in_proj_weight"] += dwi
+            grads[q + "self_attn.in_proj_bias"] += dbi
+            grads[q + "self_attn.out_proj.weight"] += dwo
+            grads[q + "self_attn.out_proj.bias"] += dbo
             return dx
 
         def ffn_back(df):
             c_ffn, c_drop = cf
             dx, dw1, db1, dw2, db2 = L.ffn_backward(L.dropout_backward(df, c_drop), c_ffn)
-            grads[q + "linear1.weight"][...] = dw1
-            grads[q + "linear1.bias"][...] = db1
-            grads[q + "linear2.weight"][...] = dw2
-            grads[q + "linear2.bias"][...] = db2
+            grads[q + "linear1.weight"] += dw1
+            grads[q + "linear1.bias"] += db1
+            grads[q + "linear2.weight"] += dw2
+            grads[q + "linear2.bias"] += db2
             return dx
 
         def norm_back(dy, c, name):
             dx, dw, db = L.layernorm_backward(dy, c)
-            grads[q + name + ".weight"][...] = dw
-            grads[q + name + ".bias"][...] = db
+            grads[q + name + ".weight"] += dw
+            grads[q + name + ".bias"] += db
             return dx
 
         if cfg.norm_first:
@@ -337,20 +337,19 @@ class TinyLLM:
         ds = norm_back(dh, cn1, "norm1")
         return ds + attn_back(ds)
 
-    def _backward(self, dlogits, cache):
+    def _backward(self, dlogits, cache, grads):
+        """The forward read in reverse; adds every parameter's gradient into grads (views like params)."""
         c_tok, block_caches, c_ln, c_head, T = cache
-        grads_flat = np.empty_like(self.flat)
-        grads = flat_views(self.shapes, grads_flat)
         dx, dhead, _ = L.linear_backward(dlogits, c_head)
-        grads["head.weight"][...] = dhead
-        dx, grads["ln.weight"][...], grads["ln.bias"][...] = L.layernorm_backward(dx, c_ln)
+        grads["head.weight"] += dhead
+        dx, dw, db = L.layernorm_backward(dx, c_ln)
+        grads["ln.weight"] += dw
+        grads["ln.bias"] += db
         for i in reversed(range(self.config.n_layers)):
             dx = self._block_backward(dx, i, block_caches[i], grads)
         # x = tok_emb[idx] + pos_emb[:T]: the sum sends dx to both terms
-        grads["pos_emb.weight"][...] = 0.0
-        grads["pos_emb.weight"][:T] = dx.sum(axis=0)  # rows past T were not used
-        grads["tok_emb.weight"][...] = L.embedding_backward(dx, c_tok)
-        return grads
+        grads["pos_emb.weight"][:T] += dx.sum(axis=0)  # rows past T were not used: no gradient
+        grads["tok_emb.weight"] += L.embedding_backward(dx, c_tok)
 
     def _dropout_rng(self, train, rng):
         """The generator dropout draws from, or None for no dropout."""
@@ -371,7 +370,7 @@ class TinyLLM:
         logits, _ = self._forward(idx, self._dropout_rng(train, rng))
         return L.cross_entropy_forward(logits, targets)[0]
 
-    def loss_and_grads(self, idx, targets, train=False, rng=None):
+    def loss_and_grads(self, idx, targets, train=False, rng=None, weight=1.0, grads=None):
         """Mean cross-entropy of next-token targets and its gradient for every parameter.
 
         idx, targets: int (B,T).  train=True applies dropout with masks drawn from
@@ -380,12 +379,19 @@ class TinyLLM:
         deterministic.  Returns (loss: float, grads: dict name -> array shaped like
         params); the gradient arrays are views into one fresh flat buffer, laid out
         exactly like ``model.flat``.
+
+        For gradient accumulation (parallel.py): the gradient returned is that of
+        ``weight`` x loss (the loss itself is returned unweighted), and with
+        ``grads``, a dict like the one returned, it is added into those arrays
+        instead of a fresh buffer -- no extra pass over the 626,560 numbers.
         """
         idx = self._check_idx(idx)
         targets = self._check_targets(idx, targets)
         logits, cache = self._forward(idx, self._dropout_rng(train, rng))
         loss, c_ce = L.cross_entropy_forward(logits, targets)
-        grads = self._backward(L.cross_entropy_backward(1.0, c_ce), cache)
+        if grads is None:
+            grads = flat_views(self.shapes, np.zeros_like(self.flat))
+        self._backward(L.cross_entropy_backward(weight, c_ce), cache, grads)
         return loss, grads
 
     # ---------------------------------------------------------- save/load

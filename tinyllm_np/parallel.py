@@ -50,7 +50,6 @@ import numpy as np
 
 from . import alloc
 from .model import TinyLLM, flat_views
-from .optim import flat_base
 
 # (set, get) C functions that control a BLAS library's thread count, by library
 _BLAS_THREAD_FUNCS = [
@@ -124,19 +123,15 @@ def _run(model, idx, targets, chunks, seeds, grads_out, train):
     The work of one worker; also the whole of a one-worker DataParallel.
     grads_out None: evaluation-mode loss only.
     """
+    if grads_out is None:
+        return sum(w * model.loss(idx[s], targets[s]) for s, w in chunks)
+    grads_out[...] = 0
+    grads = flat_views(model.shapes, grads_out)
     loss = 0.0
-    for k, ((s, w), seed) in enumerate(zip(chunks, seeds)):
+    for (s, w), seed in zip(chunks, seeds):
         rng = None if seed is None else np.random.default_rng(seed)
-        if grads_out is None:
-            loss += w * model.loss(idx[s], targets[s])
-            continue
-        loss_k, grads = model.loss_and_grads(idx[s], targets[s], train=train, rng=rng)
-        g = flat_base(grads)  # the flat buffer behind the gradient views
-        g *= g.dtype.type(w)
-        if k == 0:
-            grads_out[...] = g
-        else:
-            grads_out += g  # grad = sum_k w_k grad_k
+        # grad += w_k grad_k, added by the backward itself
+        loss_k, _ = model.loss_and_grads(idx[s], targets[s], train=train, rng=rng, weight=w, grads=grads)
         loss += w * loss_k
     return loss
 
