@@ -135,3 +135,18 @@ def test_load_refuses_wrong_shape(tmp_path):
     np.savez(path, **data)
     with pytest.raises(WeightsError, match="head.weight.*shape"):
         TinyLLM.load(path)
+
+
+def test_gradients_can_be_weighted_and_accumulated():
+    """loss_and_grads(weight=w, grads=g) adds w x the gradient into g: gradient accumulation."""
+    model = TinyLLM(Config(**SMALL), dtype=np.float64)
+    rng = np.random.default_rng(5)
+    (a, ta), (b, tb) = [(rng.integers(0, 13, (2, 10)), rng.integers(0, 13, (2, 10))) for _ in range(2)]
+    la, ga = model.loss_and_grads(a, ta)
+    lb, gb = model.loss_and_grads(b, tb)
+    l1, acc = model.loss_and_grads(a, ta, weight=0.25)
+    l2, same = model.loss_and_grads(b, tb, weight=0.75, grads=acc)
+    assert same is acc and (l1, l2) == (la, lb)  # the losses are not weighted
+    for k in ga:
+        np.testing.assert_allclose(acc[k], 0.25 * ga[k] + 0.75 * gb[k], rtol=1e-12, atol=1e-15)
+    assert any(np.abs(ga[k] - gb[k]).max() > 1e-3 for k in ga)  # two different gradients were mixed
