@@ -229,3 +229,34 @@ def test_workers_take_this_process_allocator_setting(monkeypatch):
         with DataParallel(small_model(), 2) as dp:
             assert dp.reuse_memory == setting  # handed to each worker as it starts
             assert dp.loss(*batch(4)) > 0
+
+
+def test_workers_start_with_one_blas_thread_in_their_environment():
+    """Where blas_threads cannot reach the library (macOS, Windows), the environment still can."""
+    before = dict(os.environ)
+    with DataParallel(small_model(), 2) as dp:
+        assert dict(os.environ) == before  # this process's environment is left as it was
+        for pid in dp.pids():
+            if not os.path.exists(f"/proc/{pid}/environ"):
+                pytest.skip("no /proc here")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            assert b"OPENBLAS_NUM_THREADS=1" in env and b"MKL_NUM_THREADS=1" in env
+
+
+class _TwoArgError(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+def test_an_exception_that_would_not_unpickle_arrives_as_its_text():
+    from multiprocessing import Pipe
+
+    from tinyllm_np.parallel import _send_error
+
+    here, there = Pipe()
+    _send_error(there, _TwoArgError("this", "that"))
+    status, e = here.recv()
+    assert status == "error" and isinstance(e, RuntimeError) and str(e) == "_TwoArgError: this and that"
+    _send_error(there, ValueError("plain"))
+    assert isinstance(here.recv()[1], ValueError)

@@ -114,16 +114,26 @@ def test_sigint_saves_checkpoint_and_resume_matches(tmp_path, text_file):
     assert [r["train_loss"] for r in read_log(full / "log.csv")] == [r["train_loss"] for r in read_log(cut / "log.csv")]
 
 
-def test_sigterm_saves_checkpoint_and_exits_0(tmp_path, text_file):
+@pytest.mark.parametrize("signum,whole_group", [(signal.SIGTERM, False), (signal.SIGTERM, True),
+                                                (signal.SIGINT, True)])
+def test_a_signal_saves_a_checkpoint_even_when_the_workers_get_it_too(tmp_path, text_file, signum, whole_group):
+    """SIGTERM to train.py alone, or SIGTERM / SIGINT to its whole process group, workers included
+    (a job manager's kill -TERM -PGID, a Ctrl-C in the terminal): the workers must not die first."""
     cmd = [sys.executable, "-m", "tinyllm_np.train",
-           *[a for a in run_args(tmp_path, text_file, "--max-steps", "100000", "--log-every", "1") if a != "--quiet"]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+           *[a for a in run_args(tmp_path, text_file, "--max-steps", "100000", "--log-every", "1",
+                                 "--micro-batch", "2") if a != "--quiet"]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=whole_group)
     for line in proc.stderr:
         if line.startswith("step 5/"):
             break
-    proc.send_signal(signal.SIGTERM)
+    if whole_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "SIGTERM" in err and "Traceback" not in err
+    name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+    assert proc.returncode == (0 if signum == signal.SIGTERM else 130), err
+    assert f"{name} at step" in err and "Traceback" not in err, err
     TinyLLM.load(tmp_path / "ck.npz")  # a valid checkpoint
 
 

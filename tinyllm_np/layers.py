@@ -12,7 +12,8 @@ short names everywhere:
     B batch, T time (sequence length), C model width (d_model), H heads,
     D head size (C // H), F feed-forward width (d_ff), V vocabulary size.
 
-All ops are vectorized: no Python loop runs over batch, time or heads.  They work
+All ops are vectorized: no Python loop runs over batch or heads, and the only
+one over time is attention's over two blocks of query positions (query_blocks).  They work
 in whatever float dtype the inputs have (float32 for training, float64 for the
 gradient checks) and never upcast.
 """

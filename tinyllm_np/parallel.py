@@ -44,6 +44,7 @@ import ctypes
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 
 import numpy as np
@@ -136,41 +137,62 @@ def _run(model, idx, targets, chunks, seeds, grads_out, train):
     return loss
 
 
+# Signals a terminal or a job manager sends to the whole process group: the parent handles them
+# (train.py saves a checkpoint) and then stops its workers, which must not die first.
+_PARENT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# BLAS's thread count for libraries that read it from the environment when they load: how the
+# workers get one thread each where blas_threads cannot set it (no /proc/self/maps: macOS, Windows)
+_ONE_THREAD_ENV = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                          "VECLIB_MAXIMUM_THREADS")}
+
+
+def _send_error(conn, e):
+    """Hand an exception to the parent, which raises it; its text in a RuntimeError if it would not unpickle."""
+    try:
+        pickle.loads(pickle.dumps(e))
+    except Exception:
+        e = RuntimeError(f"{type(e).__name__}: {e}")
+    conn.send(("error", e))
+
+
 def _worker_main(conn, config, dtype, params_buf, grads_buf, slot, reuse_memory):
     """A worker process: wait for micro-batches, answer with their weighted loss; gradients go to shared memory."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for signum in _PARENT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     if reuse_memory:  # the parent's allocator setting (alloc.py): 112 -> 100 ms a step, measured
         alloc.reuse_freed_memory()
     blas_threads(1)  # one core each: the workers already fill the machine
     model = TinyLLM(config, dtype=dtype)
     params = np.frombuffer(params_buf, dtype=model.dtype)
     grads = np.frombuffer(grads_buf, dtype=model.dtype).reshape(-1, params.size)[slot]
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if msg is None:
-            return
-        idx, targets, chunks, seeds, want_grads, train, err = msg
-        try:
-            model.flat[...] = params
-            with np.errstate(**err):
-                loss = _run(model, idx, targets, chunks, seeds, grads if want_grads else None, train)
-            conn.send(("ok", loss))
-        except Exception as e:  # handed to the parent, which raises it
-            try:
-                conn.send(("error", e))
-            except Exception:  # an exception that cannot be pickled: its text, then
-                conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
-
-
-def _ignore_sigint():
-    """Ignore SIGINT; return the handler before, or None where it cannot be set (not the main thread)."""
     try:
-        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            idx, targets, chunks, seeds, want_grads, train, err = msg
+            try:
+                model.flat[...] = params
+                with np.errstate(**err):
+                    loss = _run(model, idx, targets, chunks, seeds, grads if want_grads else None, train)
+            except Exception as e:
+                _send_error(conn, e)
+            else:
+                conn.send(("ok", loss))
+    except (EOFError, OSError):  # the parent is gone
+        return
+
+
+def _ignore(signums):
+    """Ignore these signals; return {signum: handler before}, empty where they cannot be set (not the main thread)."""
+    before = {}
+    try:
+        for signum in signums:
+            before[signum] = signal.signal(signum, signal.SIG_IGN)
     except ValueError:
-        return None
+        pass
+    return before
 
 
 class DataParallel:
@@ -186,7 +208,10 @@ class DataParallel:
     NumPy: about half a second) and stop in close().  They are started with
     multiprocessing's "spawn" method, so, as with any multiprocessing code, a
     script that makes a DataParallel must guard its entry point with
-    ``if __name__ == "__main__":``.
+    ``if __name__ == "__main__":``.  The workers ignore SIGINT and SIGTERM, so
+    that a Ctrl-C or a job manager's signal to the whole process group reaches
+    the caller alone, which can finish its step and save (train.py does) before
+    it closes them; they also end when the caller's process is gone.
     """
 
     def __init__(self, model, workers=2, micro_batch=4):
@@ -205,9 +230,12 @@ class DataParallel:
         self._grads_buf = ctx.RawArray(ctypes.c_byte, workers * n * itemsize)
         self._params = np.frombuffer(self._params_buf, dtype=model.dtype)
         self._grads = np.frombuffer(self._grads_buf, dtype=model.dtype).reshape(workers, n)
-        # the workers start with Ctrl-C ignored (a new interpreter keeps an inherited SIG_IGN), so
-        # that a Ctrl-C in the terminal, sent to every process, reaches only this one
-        ignoring = _ignore_sigint()
+        # The workers start with SIGINT and SIGTERM ignored (on POSIX a new interpreter keeps an
+        # inherited SIG_IGN; each worker sets it again first thing), so that a Ctrl-C in the terminal,
+        # sent to every process of the group, reaches only this one; and with BLAS told to use one thread.
+        handlers = _ignore(_PARENT_SIGNALS)
+        env_before = {name: os.environ.get(name) for name in _ONE_THREAD_ENV}
+        os.environ.update(_ONE_THREAD_ENV)
         try:
             for slot in range(workers):
                 conn, child = ctx.Pipe()
@@ -222,8 +250,13 @@ class DataParallel:
             self.close()
             raise
         finally:
-            if ignoring is not None:
-                signal.signal(signal.SIGINT, ignoring)
+            for name, value in env_before.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
     def close(self):
         """Stop the worker processes (a second call does nothing)."""
@@ -235,8 +268,8 @@ class DataParallel:
                 pass
         for p in self._procs:
             p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
+            if p.is_alive():  # stuck: SIGKILL, as a worker ignores SIGTERM
+                p.kill()
                 p.join()
         for conn in self._conns:
             conn.close()
@@ -282,15 +315,13 @@ class DataParallel:
         self._params[...] = model.flat
         err = np.geterr()
         shares = split_batch(len(parts), self.workers)  # consecutive micro-batches per worker
-        replies = []
         try:
             for conn, share in zip(self._conns, shares):
                 conn.send((idx, targets, chunks[share], seeds[share], want_grads, train, err))
-            for slot, conn in enumerate(self._conns[:len(shares)]):
-                try:
-                    replies.append(conn.recv())
-                except EOFError:
-                    raise RuntimeError(f"DataParallel worker {slot} exited unexpectedly") from None
+            replies = [conn.recv() for conn in self._conns[:len(shares)]]
+        except (EOFError, OSError):  # a pipe broke: its worker died in the middle of the call
+            self.close()
+            raise RuntimeError("a DataParallel worker process exited unexpectedly") from None
         except BaseException:  # e.g. Ctrl-C while waiting: replies would be left in the pipes, out of step
             self.close()
             raise

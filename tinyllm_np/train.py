@@ -360,7 +360,10 @@ def train(args):
         for k, v in params.items():
             model.params[k][...] = v
         hp = state["hparams"]
-        if "micro_batch" not in hp:  # an older checkpoint: its batch was split into one micro-batch per worker
+        if "micro_batch" not in hp:
+            # an older checkpoint, whose batch was split into one micro-batch per worker: the nearest
+            # micro-batch size (the same split when the workers divide the batch; the dropout masks
+            # differ anyway, since attention now draws them per query block)
             hp["micro_batch"] = math.ceil(hp["batch_size"] / hp.get("workers", 1))
         hp.pop("workers", None)  # the workers do not change the numbers: the command line's count runs
         for k, v in hp.items():  # the recipe is the checkpoint's, whatever the command line says
