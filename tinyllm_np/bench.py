@@ -165,6 +165,24 @@ def peak_rss_of(pid):
     return 0.0
 
 
+def child_pids():
+    """Process ids of this process's children, from /proc (Linux); none where unavailable."""
+    pids = []
+    try:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid == os.getpid():
+                    pids.append(int(entry))
+    except OSError:
+        pass
+    return pids
+
+
 def machine():
     cpu = platform.processor() or platform.machine()
     try:
@@ -215,8 +233,10 @@ def main(argv=None):
             print(f"numpy training step, dropout {p}, micro-batches of {args.micro_batch}, {how}: {t * 1e3:.1f} ms  "
                   f"({B * T / t:,.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / 1e9 / peak:.0f}% of peak)")
     train_rss = peak_rss_mb()
-    print(f"peak RSS of the training steps: {train_rss + workers_rss:.0f} MB "
-          f"(this process {train_rss:.0f} MB + its workers {workers_rss:.0f} MB)")
+    others_rss = sum(peak_rss_of(pid) for pid in child_pids())  # multiprocessing's resource tracker
+    print(f"peak RSS of the training steps: {train_rss + workers_rss + others_rss:.0f} MB "
+          f"(this process {train_rss:.0f} MB + its workers {workers_rss:.0f} MB + other child processes "
+          f"{others_rss:.0f} MB)")
     model = TinyLLM(Config(vocab_size=59), seed=0)
     gen = {}
     for plen in (8, 128):
