@@ -80,8 +80,9 @@ def build_parser():
                         "gradients accumulated; dropout masks are drawn per micro-batch (see parallel.py) "
                         "(default: %(default)s)")
     g.add_argument("--workers", type=int, default=2,
-                   help="worker processes running the micro-batches at once, one core each; the results do not "
-                        "depend on it beyond float rounding (1: all in this process) (default: %(default)s)")
+                   help="worker processes running the micro-batches at once, one core each (no more are started "
+                        "than a batch has micro-batches); the results do not depend on it beyond float rounding "
+                        "(1: all in this process) (default: %(default)s)")
     m = ap.add_argument_group("model shape (defaults: the original TinyLLM)")
     m.add_argument("--d-model", type=int, default=128)
     m.add_argument("--n-layers", type=int, default=3)
@@ -117,8 +118,7 @@ def validate_args(args):
         (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
         (args.clip >= 0, f"--clip must be >= 0, got {args.clip}"),
         (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
-        (1 <= args.workers <= args.batch_size,
-         f"--workers must be between 1 and --batch-size ({args.batch_size}), got {args.workers}"),
+        (args.workers >= 1, f"--workers must be positive, got {args.workers}"),
         (args.micro_batch >= 1, f"--micro-batch must be positive, got {args.micro_batch}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
         (0 < args.val_frac < 1, f"--val-frac must be between 0 and 1, got {args.val_frac}"),
@@ -408,11 +408,12 @@ def train(args):
         return {"step": step, "opt_t": opt.t, "data_rng": data_rng.bit_generator.state,
                 "dropout_rng": model.rng.bit_generator.state, "data_sha256": fingerprint, "hparams": hparams}
 
+    workers = min(args.workers, math.ceil(B / args.micro_batch))  # no process that would never get a micro-batch
     log_f, log_w = open_log(args.log, step if args.resume else None)
     progress = Progress(total, args.quiet, args.log_every)
     progress.note(f"training {model.n_params:,} parameters on {len(train_ids):,} characters "
                   f"({len(val_ids):,} held out), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
-                  f"{total} steps, micro-batches of {args.micro_batch} on {args.workers} worker(s)"
+                  f"{total} steps, micro-batches of {args.micro_batch} on {workers} worker(s)"
                   + (f", resuming at step {step}" if step else ""))
     stop = StopRequest()
     old_handlers, dp = {}, None
@@ -421,7 +422,7 @@ def train(args):
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
             old_handlers[s] = signal.signal(s, stop)
-        dp = DataParallel(model, args.workers, args.micro_batch)
+        dp = DataParallel(model, workers, args.micro_batch)
         while step < total:
             if stop.signum is not None:
                 break
