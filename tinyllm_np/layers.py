@@ -237,15 +237,32 @@ def causal_mask(T, dtype):
     return m
 
 
-def softmax(x, out=None):
-    """Numerically stable softmax over the last axis: subtracting the row max changes nothing mathematically.
+def softmax(x):
+    """Numerically stable softmax over the last axis, as a new array.
 
-    With out=x it works in place (no extra (B,H,T,T) buffers).
+    softmax(x) = softmax(x - c) for any constant c per row; the textbook c is
+    the row's max, so that exp cannot overflow.  NumPy finds the maxima of many
+    short rows slowly, one row at a time, and most rows do not need a shift at
+    all: exp(x) is exact enough as long as it neither overflows nor underflows
+    over the whole row.  So exp runs on x as it is, and the row sums show which
+    rows went wrong: an infinite sum (overflow) or one below 1e-20 (every entry
+    below about -46, so the row lost precision).  Only those rows are redone
+    with their own max.  Each row's result depends on that row alone, as with
+    the textbook shift (a causal model's past stays bitwise unchanged when the
+    future changes).  Softmax of a (4,4,64,128) block of masked scores: 0.19 ->
+    0.09 ms.
     """
-    # fmax.reduce: the row max, several times faster than x.max for short rows (NumPy 2.x)
-    e = np.subtract(x, np.fmax.reduce(x, axis=-1, keepdims=True), out=out)
-    np.exp(e, out=e)
-    e *= (1.0 / row_sums(e.reshape(-1, e.shape[-1]))).reshape(e.shape[:-1] + (1,))  # / sum_j e_j
+    n = x.shape[-1]
+    with np.errstate(over="ignore", under="ignore"):  # overflow is expected here, and handled below
+        e = np.exp(x)
+    sums = row_sums(e.reshape(-1, n))
+    redo = ~((sums >= 1e-20) & (sums < np.inf))  # NaN sums land here too
+    if redo.any():
+        rows = x.reshape(-1, n)[redo]
+        rows = np.exp(rows - np.fmax.reduce(rows, axis=1, keepdims=True))  # fmax.reduce: faster than max
+        e.reshape(-1, n)[redo] = rows
+        sums[redo] = row_sums(rows)
+    e *= (1.0 / sums).reshape(e.shape[:-1] + (1,))  # / sum_j e_j
     return e
 
 
@@ -296,7 +313,7 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     for s, e in query_blocks(T, n_blocks):
         att = q[:, :, s:e] @ kT[:, :, :, :e]  # (B,H,Tb,D) @ (B,H,D,e) -> (B,H,Tb,e)
         att += causal_mask(T, x.dtype)[s:e, :e]
-        softmax(att, out=att)
+        att = softmax(att)
         att_d, drop_cache = dropout_forward(att, p_drop, rng)
         np.matmul(att_d, v[:, :, :e], out=yh[:, :, s:e])  # (B,H,Tb,e) @ (B,H,e,D) -> (B,H,Tb,D)
         # att_d is not kept: the backward rebuilds it from att and the mask (4 MB less held per layer)
