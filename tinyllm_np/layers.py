@@ -37,7 +37,8 @@ def row_sums(x2):
 
     BLAS's matrix-vector product runs this 4-5x faster than np.add.reduce(x2,
     axis=1) on rows as short as ours (n = 128): NumPy reduces a short row with
-    little vectorization.
+    little vectorization.  Column sums are row_sums(x2.T), 2-3x faster than
+    x2.sum(axis=0) at our sizes.
     """
     return np.dot(x2, _ones(x2.shape[1], x2.dtype))
 
