@@ -362,7 +362,8 @@ def attention_backward(dout, cache):
     Ad = A * m                    ->  dA = dAd * m
     A = softmax(S) row-wise       ->  dS = A * (dA - sum_j(dA * A))
         (softmax Jacobian: dA_i/dS_j = A_i (delta_ij - A_j); masked entries have
-         A = 0, so they get zero gradient automatically)
+         A = 0, so they get zero gradient automatically; the row sums come from
+         the identity sum_j(dA * A) = dy . y, see below)
     S = q k^T / sqrt(D)           ->  dq = dS k / sqrt(D),  dk = dS^T q / sqrt(D)
     q, k, v = split(x @ w_in.T + b_in)
                                   ->  stack (dq, dk, dv) back into (B,T,3C), linear backward
@@ -374,6 +375,11 @@ def attention_backward(dout, cache):
     C = H * D
     dy, dw_out, db_out = linear_backward(dout, out_cache)
     dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3).copy()  # (B,T,C) -> contiguous (B,H,T,D)
+    # The softmax backward's row sums, sum_j dA_ij A_ij, equal dy_i . y_i: with dA = dAd * m and
+    # Ad = A * m, sum_j dA_ij A_ij = sum_j (dy_i . v_j) Ad_ij = dy_i . (sum_j Ad_ij v_j) = dy_i . y_i.
+    # Rows of D numbers instead of T (FlashAttention's trick); y is the out projection's cached input.
+    y = out_cache[0].reshape(B, T, H, D)
+    rowdot = np.einsum("bhtd,bthd->bht", dy, y)[..., None]  # (B,H,T,1)
     vT = np.ascontiguousarray(v.transpose(0, 1, 3, 2))  # (B,H,D,T): contiguous operands, as in the forward
     k = np.multiply(kT.transpose(0, 1, 3, 2), scale, order="C")  # k / sqrt(D), contiguous (B,H,T,D)
     # dq, dk, dv are written straight into x's (B,T,3,H,D) layout, ready for the linear backward
@@ -386,7 +392,7 @@ def attention_backward(dout, cache):
         dv_b = np.matmul(att_d.transpose(0, 1, 3, 2), dyb, out=dv if e == T else None)  # dv = Ad^T dy
         del att_d
         datt = dropout_backward(datt, drop_cache)  # dA = dAd * m
-        datt -= np.einsum("bhij,bhij->bhi", datt, att)[..., None]  # dA - sum_j(dA * A)
+        datt -= rowdot[:, :, s:e]  # dA - sum_j(dA * A)
         datt *= att  # now dS, the gradient of the pre-softmax scores
         np.matmul(datt, k[:, :, :e], out=dq[:, :, s:e])  # dq = dS (k / sqrt(D))
         dk_b = np.matmul(datt.transpose(0, 1, 3, 2), q[:, :, s:e], out=dk if e == T else None)  # dS^T (q/sqrt(D))
