@@ -111,7 +111,7 @@ class TinyLLM:
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.chars = None if chars is None else list(chars)
         self.shapes = config.param_shapes()
-        self.n_params = sum(int(np.prod(s)) for s in self.shapes.values())
+        self.n_params = sum(math.prod(s) for s in self.shapes.values())
         self.flat = np.zeros(self.n_params, dtype=self.dtype)
         self.params = flat_views(self.shapes, self.flat)
         # each layer's 12 parameters in param_shapes' order (in_proj w, b; out_proj w, b; linear1 w, b;

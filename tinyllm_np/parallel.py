@@ -24,8 +24,8 @@ Two things make it pay on a CPU:
   through its share of the micro-batches with BLAS on one thread, keep W cores
   busy for the whole step.  Processes rather than threads: NumPy holds Python's
   GIL while it sets up each call, and with two threads making ~2,000 such calls a
-  step each, they kept waiting for each other -- a step took 105 ms in two
-  threads and 91.5 ms in two processes.
+  step each, they kept waiting for each other -- the same micro-batches (without
+  the optimizer step) took 105-106 ms in two threads, 95-101 ms in two processes.
 
 The parameters reach the workers through shared memory: each call copies
 ``model.flat`` (2.5 MB) into a buffer every worker reads, so the optimizer
@@ -221,10 +221,10 @@ class DataParallel:
             raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
         self.model, self.workers, self.micro_batch = model, workers, micro_batch
         self._conns, self._procs, self.closed = [], [], False
+        self.reuse_memory = alloc.in_effect()  # the workers follow this process's allocator setting
         if workers == 1:
             return
         n, itemsize = model.n_params, model.dtype.itemsize
-        self.reuse_memory = alloc.in_effect()  # the workers follow this process's allocator setting
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of BLAS's threads
         self._params_buf = ctx.RawArray(ctypes.c_byte, n * itemsize)
         self._grads_buf = ctx.RawArray(ctypes.c_byte, workers * n * itemsize)

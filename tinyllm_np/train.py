@@ -37,7 +37,7 @@ from .cli import EXIT_USAGE, OneLineParser
 from .dataset import BOT, END, USER
 from .model import Config, TinyLLM, WeightsError
 from .optim import AdamW, clip_grad_norm, lr_at
-from .parallel import DataParallel
+from .parallel import DataParallel, micro_batches
 from .tokenizer import CharTokenizer
 from .weights import CHECKPOINT_KEYS, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
@@ -408,7 +408,7 @@ def train(args):
         return {"step": step, "opt_t": opt.t, "data_rng": data_rng.bit_generator.state,
                 "dropout_rng": model.rng.bit_generator.state, "data_sha256": fingerprint, "hparams": hparams}
 
-    workers = min(args.workers, math.ceil(B / args.micro_batch))  # no process that would never get a micro-batch
+    workers = min(args.workers, len(micro_batches(B, args.micro_batch)))  # none that would never get work
     log_f, log_w = open_log(args.log, step if args.resume else None)
     progress = Progress(total, args.quiet, args.log_every)
     progress.note(f"training {model.n_params:,} parameters on {len(train_ids):,} characters "
