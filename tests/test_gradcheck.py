@@ -72,18 +72,17 @@ def _layernorm_backward_no_var_term(dout, cache):
 
 def _attention_backward_no_softmax_sum(dout, cache):
     """Treats softmax as elementwise: dS = A * dA, dropping the row-sum term."""
-    qkv_cache, q, kT, v, blocks, out_cache, scale, H = cache
+    qkv_cache, q, kT, vs, blocks, out_cache, scale, drop_scale, H = cache
     k = kT.transpose(0, 1, 3, 2)
     B, _, T, D = q.shape
     dy, dw_out, db_out = L.linear_backward(dout, out_cache)
     dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(q), np.zeros_like(q)
-    for s, e, att, drop_cache in blocks:
-        att_d = L.dropout_backward(att, drop_cache)
-        datt = L.dropout_backward(dy[:, :, s:e] @ v[:, :, :e].transpose(0, 1, 3, 2), drop_cache) * att  # missing:
-        dq[:, :, s:e] = (datt @ k[:, :, :e]) * scale                                                  # - sum(dA * A)
+    for s, e, att, keep, att_k in blocks:
+        datt = dy[:, :, s:e] @ vs[:, :, :e].transpose(0, 1, 3, 2) * (1 if keep is None else keep) * att  # missing:
+        dq[:, :, s:e] = (datt @ k[:, :, :e]) * scale                                                   # - sum(dA * A)
         dk[:, :, :e] += datt.transpose(0, 1, 3, 2) @ q[:, :, s:e]
-        dv[:, :, :e] += att_d.transpose(0, 1, 3, 2) @ dy[:, :, s:e]
+        dv[:, :, :e] += att_k.transpose(0, 1, 3, 2) @ dy[:, :, s:e] * drop_scale
     dqkv = np.stack((dq, dk, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)
     dx, dw_in, db_in = L.linear_backward(dqkv, qkv_cache)
     return dx, dw_in, db_in, dw_out, db_out
@@ -190,3 +189,14 @@ def test_cli_fails_on_broken_backward(monkeypatch, capsys):
     assert verdict == "FAIL" and rel > 1e-3 and max_entry > 0.1
     assert rows["layernorm", "weight"][2] == "pass" and rows["layernorm", "weight"][1] < 1e-6
     assert "1 of 3 gradients FAILED" in out
+
+
+def test_check_catches_ffn_backward_that_forgets_dropout():
+    """The feed-forward folds dropout's scale into w2 and applies its mask itself (with GELU)
+    or inside ReLU's: a backward that skips the scale or the mask must fail the check."""
+    no_scale = lambda dout, c: L.ffn_backward(dout, c[:4] + (None,) + c[5:])  # noqa: E731  dw2 not rescaled
+    assert gc.case_ffn_relu(backward=no_scale)["linear2.weight"].rel > 1e-3
+    no_mask = lambda dout, c: L.ffn_backward(dout, c[:2] + (None,) + c[3:])  # noqa: E731  da not masked (GELU)
+    assert gc.case_ffn_gelu(backward=no_mask)["x"].rel > 1e-3
+    unmasked = lambda dout, c: L.ffn_backward(dout, (c[0], np.ones_like(c[1])) + c[2:])  # noqa: E731  ReLU's too
+    assert gc.case_ffn_relu(backward=unmasked)["x"].rel > 1e-3

@@ -18,6 +18,7 @@ in whatever float dtype the inputs have (float32 for training, float64 for the
 gradient checks) and never upcast.
 """
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -195,27 +196,43 @@ ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gel
 
 # ------------------------------------------------------------------ dropout
 
-def dropout_forward(x, p, rng):
-    """Inverted dropout: zero each entry with probability p, scale survivors by 1/(1-p).
+def dropout_scale(p, dtype):
+    """1/(1-p) for the drop probability dropout_mask really uses, round(p * 65536) / 65536."""
+    return np.dtype(dtype).type(65536 / (65536 - round(p * 65536)))
 
-    Scaling at training time keeps E[y] = x, so evaluation needs no change.
-    With p == 0 or rng None (evaluation) it is the identity.  The random draws
-    come only from ``rng``, so a fixed seed gives a fixed mask.
+
+def dropout_mask(shape, p, rng):
+    """The random part of inverted dropout: a bool mask, each entry True (kept) with probability 1 - p.
+
+    Dropout multiplies by m = keep * dropout_scale(p).  Ops that can fold the
+    scale into a smaller array (attention's v, the feed-forward's second
+    weight) take the mask alone.
 
     Speed: the mask comes from 16 random bits per entry (raw bits are several
     times cheaper to draw than floats), dropping an entry when its bits fall
     below t = round(p * 65536).  The drop probability is then exactly t / 65536
-    (0.100006 for p = 0.1) and the scale is 1 / (1 - t/65536), so E[y] = x holds
-    exactly.  The bits are drawn as full-range 64-bit integers, each cut into
-    four 16-bit ones: a full-range draw is the generator's raw output, with no
-    bounding work, which halves the cost of drawing 16-bit integers directly.
+    (0.100006 for p = 0.1) and the scale is 1 / (1 - t/65536), so E[x * m] = x
+    holds exactly.  The bits are drawn as full-range 64-bit integers, each cut
+    into four 16-bit ones: a full-range draw is the generator's raw output, with
+    no bounding work, which halves the cost of drawing 16-bit integers directly.
+    """
+    n = math.prod(shape)
+    bits = rng.integers(0, 2 ** 64, size=-(-n // 4), dtype=np.uint64).view(np.uint16)
+    return bits[:n].reshape(shape) >= round(p * 65536)  # bool mask, 1 byte an entry
+
+
+def dropout_forward(x, p, rng):
+    """Inverted dropout: zero each entry with probability p, scale survivors by 1/(1-p).
+
+        y = x * keep / (1 - p)       keep[i] = 1 with probability 1 - p, else 0
+
+    Scaling at training time keeps E[y] = x, so evaluation needs no change.
+    With p == 0 or rng None (evaluation) it is the identity.  The random draws
+    come only from ``rng``, so a fixed seed gives a fixed mask (dropout_mask).
     """
     if rng is None or p == 0.0:
         return x, None
-    t = round(p * 65536)
-    bits = rng.integers(0, 2 ** 64, size=-(-x.size // 4), dtype=np.uint64).view(np.uint16)
-    keep = bits[:x.size].reshape(x.shape) >= t  # bool mask, 1 byte an entry
-    scale = x.dtype.type(65536 / (65536 - t))  # 1 / (1 - p)
+    keep, scale = dropout_mask(x.shape, p, rng), dropout_scale(p, x.dtype)
     y = np.multiply(x, keep)
     y *= scale
     return y, (keep, scale)
@@ -288,7 +305,7 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
 
         q, k, v = split(x @ w_in.T + b_in)               fused projection, w_in is (3C, C)
         per head h:  A_h = softmax(q_h k_h^T / sqrt(D) + mask)   mask hides the future
-                     y_h = dropout(A_h) v_h
+                     y_h = dropout(A_h) v_h = (A_h * keep) (v_h / (1-p))
         out = concat_h(y_h) @ w_out.T + b_out
 
     Heads are a batch axis: (B,T,C) is viewed as (B,H,T,D), so one batched
@@ -300,7 +317,9 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     Layouts: each batched product reads C-contiguous (T,D) or (D,T) blocks, so
     k is stored transposed, as kT (B,H,D,T).  BLAS multiplies a contiguous
     block about 1.6x faster than a transposed view when D is as short as 32.
-    The heads' outputs are written straight into (B,T,C) order.
+    The heads' outputs are written straight into (B,T,C) order.  Dropout's
+    1/(1-p) multiplies v, (T,D) per head, rather than the (T,T) weights; the
+    cache keeps A, the mask and A * keep, so the backward rebuilds nothing.
     """
     B, T, C = x.shape
     H = n_heads
@@ -310,7 +329,10 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     scale = x.dtype.type(1.0 / np.sqrt(D))
     q = np.multiply(q, scale, order="C")  # q / sqrt(D), contiguous (B,H,T,D)
     kT = np.ascontiguousarray(k.transpose(0, 1, 3, 2))  # (B,H,D,T)
-    v = np.ascontiguousarray(v)  # (B,H,T,D)
+    drop = rng is not None and p_drop > 0
+    drop_scale = dropout_scale(p_drop, x.dtype) if drop else x.dtype.type(1)
+    # dropout(A) v = (A * keep) (v / (1-p)): the scale goes on v, (T,D), not on the (T,T) scores
+    vs = np.multiply(v, drop_scale, order="C")  # v / (1-p), contiguous (B,H,T,D)
     y = np.empty((B, T, C), dtype=x.dtype)
     yh = y.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B,H,T,D) view of y: the heads land side by side
     blocks = []
@@ -318,12 +340,12 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
         att = q[:, :, s:e] @ kT[:, :, :, :e]  # (B,H,Tb,D) @ (B,H,D,e) -> (B,H,Tb,e)
         att += causal_mask(T, x.dtype)[s:e, :e]
         att = softmax(att)
-        att_d, drop_cache = dropout_forward(att, p_drop, rng)
-        np.matmul(att_d, v[:, :, :e], out=yh[:, :, s:e])  # (B,H,Tb,e) @ (B,H,e,D) -> (B,H,Tb,D)
-        # att_d is not kept: the backward rebuilds it from att and the mask (4 MB less held per layer)
-        blocks.append((s, e, att, drop_cache))
+        keep = dropout_mask(att.shape, p_drop, rng) if drop else None
+        att_k = np.multiply(att, keep) if drop else att  # A * keep
+        np.matmul(att_k, vs[:, :, :e], out=yh[:, :, s:e])  # (B,H,Tb,e) @ (B,H,e,D) -> (B,H,Tb,D)
+        blocks.append((s, e, att, keep, att_k))
     out, out_cache = linear_forward(y, w_out, b_out)  # (B,T,C) -> (B,T,C)
-    return out, (qkv_cache, q, kT, v, blocks, out_cache, scale, H)
+    return out, (qkv_cache, q, kT, vs, blocks, out_cache, scale, drop_scale, H)
 
 
 def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_cache, pos):
@@ -356,10 +378,13 @@ def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_ca
 def attention_backward(dout, cache):
     """Backward of causal multi-head self-attention, undoing the forward line by line.
 
+    The forward applies dropout as y_h = (A_h * keep) (v_h / (1-p)); write K for
+    the 0/1 mask keep and vs = v / (1-p) (without dropout K = 1 and vs = v).
+
     out = y @ w_out.T + b_out     ->  linear backward gives dy, dw_out, db_out
-    y_h = Ad_h v_h  (Ad = dropout(A))
-                                  ->  dAd = dy_h v_h^T,   dv_h = Ad_h^T dy_h
-    Ad = A * m                    ->  dA = dAd * m
+    y_h = (A_h * K) vs_h          ->  d(A*K) = dy_h vs_h^T,   dvs_h = (A_h * K)^T dy_h
+    vs = v / (1-p)                ->  dv = dvs / (1-p)
+    A * K                         ->  dA = d(A*K) * K
     A = softmax(S) row-wise       ->  dS = A * (dA - sum_j(dA * A))
         (softmax Jacobian: dA_i/dS_j = A_i (delta_ij - A_j); masked entries have
          A = 0, so they get zero gradient automatically; the row sums come from
@@ -370,28 +395,27 @@ def attention_backward(dout, cache):
     Block by block as in the forward: query block s..e-1 gives its own rows of
     dq, and adds into dk and dv for keys 0..e-1.  Returns (dx, dw_in, db_in, dw_out, db_out).
     """
-    qkv_cache, q, kT, v, blocks, out_cache, scale, H = cache  # q is already scaled
+    qkv_cache, q, kT, vs, blocks, out_cache, scale, drop_scale, H = cache  # q is already scaled
     B, _, T, D = q.shape
     C = H * D
     dy, dw_out, db_out = linear_backward(dout, out_cache)
     dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3).copy()  # (B,T,C) -> contiguous (B,H,T,D)
-    # The softmax backward's row sums, sum_j dA_ij A_ij, equal dy_i . y_i: with dA = dAd * m and
-    # Ad = A * m, sum_j dA_ij A_ij = sum_j (dy_i . v_j) Ad_ij = dy_i . (sum_j Ad_ij v_j) = dy_i . y_i.
+    # The softmax backward's row sums, sum_j dA_ij A_ij, equal dy_i . y_i: with dA = d(A*K) * K,
+    # sum_j dA_ij A_ij = sum_j (dy_i . vs_j) (A*K)_ij = dy_i . (sum_j (A*K)_ij vs_j) = dy_i . y_i.
     # Rows of D numbers instead of T (FlashAttention's trick); y is the out projection's cached input.
     y = out_cache[0].reshape(B, T, H, D)
     rowdot = np.einsum("bhtd,bthd->bht", dy, y)[..., None]  # (B,H,T,1)
-    vT = np.ascontiguousarray(v.transpose(0, 1, 3, 2))  # (B,H,D,T): contiguous operands, as in the forward
+    vsT = np.ascontiguousarray(vs.transpose(0, 1, 3, 2))  # (B,H,D,T): contiguous operands, as in the forward
     k = np.multiply(kT.transpose(0, 1, 3, 2), scale, order="C")  # k / sqrt(D), contiguous (B,H,T,D)
     # dq, dk, dv are written straight into x's (B,T,3,H,D) layout, ready for the linear backward
     dqkv = np.empty((B, T, 3 * C), dtype=dy.dtype)
     dq, dk, dv = dqkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # 3 x (B,H,T,D), views
-    for s, e, att, drop_cache in reversed(blocks):  # the last block sees every key: it writes dk, dv first
+    for s, e, att, keep, att_k in reversed(blocks):  # the last block sees every key: it writes dk, dv first
         dyb = dy[:, :, s:e]  # (B,H,Tb,D)
-        datt = dyb @ vT[:, :, :, :e]  # dAd = dy v^T: (B,H,Tb,D) @ (B,H,D,e) -> (B,H,Tb,e)
-        att_d = dropout_backward(att, drop_cache)  # rebuild Ad = A * m (the same product as dropout's backward)
-        dv_b = np.matmul(att_d.transpose(0, 1, 3, 2), dyb, out=dv if e == T else None)  # dv = Ad^T dy
-        del att_d
-        datt = dropout_backward(datt, drop_cache)  # dA = dAd * m
+        datt = dyb @ vsT[:, :, :, :e]  # d(A*K) = dy vs^T: (B,H,Tb,D) @ (B,H,D,e) -> (B,H,Tb,e)
+        dv_b = np.matmul(att_k.transpose(0, 1, 3, 2), dyb, out=dv if e == T else None)  # dvs = (A*K)^T dy
+        if keep is not None:
+            np.multiply(datt, keep, out=datt)  # dA = d(A*K) * K
         datt -= rowdot[:, :, s:e]  # dA - sum_j(dA * A)
         datt *= att  # now dS, the gradient of the pre-softmax scores
         np.matmul(datt, k[:, :, :e], out=dq[:, :, s:e])  # dq = dS (k / sqrt(D))
@@ -399,6 +423,8 @@ def attention_backward(dout, cache):
         if e != T:  # keys 0..e-1 also got gradient from the later blocks
             dv[:, :, :e] += dv_b
             dk[:, :, :e] += dk_b
+    if drop_scale != 1:
+        dv *= drop_scale  # dv = dvs / (1-p)
     dx, dw_in, db_in = linear_backward(dqkv, qkv_cache)
     return dx, dw_in, db_in, dw_out, db_out
 
@@ -444,24 +470,44 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", p_drop=0.0, rng=None):
     """Position-wise feed-forward network, as in nn.TransformerEncoderLayer:
 
         y = linear2(dropout(act(linear1(x))))      (B,T,C) -> (B,T,F) -> (B,T,C)
+
+    Dropout is applied as dropout(a) @ w2.T = (a * keep) @ (w2 / (1-p)).T: the
+    scale multiplies w2's (C,F) numbers instead of the (B,T,F) activations.
+    With ReLU, relu(h) * keep = h * ([h > 0] & keep): ReLU's mask and dropout's
+    combine into one, a single multiply forward and backward.
     """
     act_forward, _ = ACTIVATIONS[activation]
     h, c1 = linear_forward(x, w1, b1)  # (B,T,C) -> (B,T,F)
-    a, ca = act_forward(h)
-    a, cd = dropout_forward(a, p_drop, rng)
-    y, c2 = linear_forward(a, w2, b2)  # (B,T,F) -> (B,T,C)
-    return y, (c1, ca, cd, c2, activation)
+    drop = rng is not None and p_drop > 0
+    keep = dropout_mask(h.shape, p_drop, rng) if drop else None
+    if drop and act_forward is relu_forward:
+        ca = keep & (h > 0)  # ReLU's mask and dropout's in one; ReLU's backward multiplies by it
+        a, keep = np.multiply(h, ca), None
+    else:
+        a, ca = act_forward(h)
+        if keep is not None:
+            np.multiply(a, keep, out=a)
+    scale = dropout_scale(p_drop, x.dtype) if drop else None
+    y, c2 = linear_forward(a, w2 if scale is None else w2 * scale, b2)  # (B,T,F) -> (B,T,C)
+    return y, (c1, ca, keep, c2, scale, activation)
 
 
 def ffn_backward(dout, cache):
     """Chain rule back through linear2, dropout, the activation and linear1 in turn.
 
+    y = (a * keep) @ (w2 s).T + b2,  s = 1/(1-p)  ->  linear backward with w2 s gives
+                                         d(a * keep) and dw2 / s, so dw2 is rescaled
+    a * keep                             ->  da = d(a * keep) * keep
+    a = act(h)                           ->  dh = act'(h) da  (for ReLU keep is already in its mask)
     Returns (dx, dw1, db1, dw2, db2).
     """
-    c1, ca, cd, c2, activation = cache
+    c1, ca, keep, c2, scale, activation = cache
     _, act_backward = ACTIVATIONS[activation]
     da, dw2, db2 = linear_backward(dout, c2)
-    da = dropout_backward(da, cd)
+    if scale is not None:
+        dw2 *= scale
+    if keep is not None:
+        np.multiply(da, keep, out=da)
     dh = act_backward(da, ca)
     dx, dw1, db1 = linear_backward(dh, c1)
     return dx, dw1, db1, dw2, db2
