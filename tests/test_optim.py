@@ -37,6 +37,22 @@ def test_adamw_matches_formula():
     assert opt.t == 5
 
 
+def test_adamw_chunks_cover_every_entry(monkeypatch):
+    """step updates in chunks of AdamW.CHUNK entries: a buffer of several chunks and a ragged end
+    gets the same update as the formula, entry by entry."""
+    monkeypatch.setattr(AdamW, "CHUNK", 7)
+    rng = np.random.default_rng(1)
+    params = {"w": rng.standard_normal((5, 6)), "b": rng.standard_normal(3)}  # 30 = 4*7 + 2, 3 < 7
+    start = {k: v.copy() for k, v in params.items()}
+    grads_seq = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(3)]
+    opt = AdamW(params, lr=0.01, weight_decay=0.1)
+    for g in grads_seq:
+        opt.step(g)
+    for k in params:
+        want = adamw_by_formula(start[k], [g[k] for g in grads_seq], 0.01, 0.9, 0.999, 1e-8, 0.1)
+        np.testing.assert_allclose(params[k], want, rtol=1e-12, atol=1e-14)
+
+
 def test_first_step_moves_each_weight_by_lr():
     """At t=1, m_hat/sqrt(v_hat) = g/|g|: every weight moves by lr (plus tiny decay)."""
     params = {"w": np.zeros(4)}
