@@ -138,9 +138,10 @@ def layernorm_backward(dout, cache):
     d2 = dout.reshape(-1, C)  # (N,C)
     db = row_sums(d2.T)  # column sums
     dw = np.einsum("nc,nc->c", d2, xhat)
-    g = d2 * w
-    dx = g - (row_sums(g) / C)[:, None]  # g - mean(g)
-    dx -= xhat * (np.einsum("nc,nc->n", g, xhat) / C)[:, None]  # - xhat * mean(g * xhat)
+    dx = d2 * w  # g, turned into dx in place
+    gx = np.einsum("nc,nc->n", dx, xhat) / C  # mean(g * xhat)
+    dx -= (row_sums(dx) / C)[:, None]  # g - mean(g)
+    dx -= xhat * gx[:, None]  # - xhat * mean(g * xhat)
     dx *= rstd
     return dx.reshape(dout.shape), dw, db
 
@@ -473,19 +474,24 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", p_drop=0.0, rng=None):
 
     Dropout is applied as dropout(a) @ w2.T = (a * keep) @ (w2 / (1-p)).T: the
     scale multiplies w2's (C,F) numbers instead of the (B,T,F) activations.
-    With ReLU, relu(h) * keep = h * ([h > 0] & keep): ReLU's mask and dropout's
-    combine into one, a single multiply forward and backward.
+    ReLU is applied as relu(h) = h * [h > 0], and with dropout
+    relu(h) * keep = h * ([h > 0] & keep): ReLU's mask and dropout's combine
+    into one, a single multiply forward and backward.  Both multiply h in
+    place, as nothing else reads it: writing into a fresh 1 MB array instead
+    costs more than the multiply (measured: 0.5 ms of a 25 ms micro-batch).
     """
     act_forward, _ = ACTIVATIONS[activation]
     h, c1 = linear_forward(x, w1, b1)  # (B,T,C) -> (B,T,F)
     drop = rng is not None and p_drop > 0
     keep = dropout_mask(h.shape, p_drop, rng) if drop else None
-    if drop and act_forward is relu_forward:
-        ca = keep & (h > 0)  # ReLU's mask and dropout's in one; ReLU's backward multiplies by it
-        a, keep = np.multiply(h, ca), None
+    if activation == "relu":
+        ca = h > 0  # ReLU's mask, and so its backward's
+        if drop:
+            ca &= keep  # ReLU's mask and dropout's in one
+        a, keep = np.multiply(h, ca, out=h), None
     else:
         a, ca = act_forward(h)
-        if keep is not None:
+        if drop:
             np.multiply(a, keep, out=a)
     scale = dropout_scale(p_drop, x.dtype) if drop else None
     y, c2 = linear_forward(a, w2 if scale is None else w2 * scale, b2)  # (B,T,F) -> (B,T,C)
@@ -508,6 +514,9 @@ def ffn_backward(dout, cache):
         dw2 *= scale
     if keep is not None:
         np.multiply(da, keep, out=da)
-    dh = act_backward(da, ca)
+    if activation == "relu":
+        dh = np.multiply(da, ca, out=da)  # relu_backward, in place: da is ours alone
+    else:
+        dh = act_backward(da, ca)
     dx, dw1, db1 = linear_backward(dh, c1)
     return dx, dw1, db1, dw2, db2

@@ -196,9 +196,11 @@ class TinyLLM:
             x = x + f
         else:
             a, ca = attn(x)
-            x, cn1 = L.layernorm_forward(x + a, *norm1)
+            a += x  # x + attn(x), summed into attention's fresh output: no new (B,T,C) array
+            x, cn1 = L.layernorm_forward(a, *norm1)
             f, cf = ffn(x)
-            x, cn2 = L.layernorm_forward(x + f, *norm2)
+            f += x
+            x, cn2 = L.layernorm_forward(f, *norm2)
         return x, (ca, cn1, cf, cn2)
 
     def _forward(self, idx, rng):
@@ -332,10 +334,13 @@ class TinyLLM:
             return dx1 + norm_back(attn_back(dx1), cn1, "norm1")
         # out = norm2(h + ffn(h)):  both paths into h receive d(h + ffn(h))
         ds = norm_back(dout, cn2, "norm2")
-        dh = ds + ffn_back(ds)
+        dh = ffn_back(ds)
+        dh += ds  # summed into the branch's fresh gradient: no new (B,T,C) array
         # h = norm1(x + attn(x))
         ds = norm_back(dh, cn1, "norm1")
-        return ds + attn_back(ds)
+        dx = attn_back(ds)
+        dx += ds
+        return dx
 
     def _backward(self, dlogits, cache, grads):
         """The forward read in reverse; adds every parameter's gradient into grads (views like params)."""
