@@ -77,6 +77,15 @@ def test_cached_logits_equal_full_logits_every_step_at_full_size():
         np.testing.assert_allclose(dc.logits(ids[:n]), df.logits(ids[:n]), rtol=1e-4, atol=1e-4)
 
 
+def test_logits_asked_twice_for_the_same_text():
+    """A second call with no new token recomputes the last one instead of failing on an empty prefill."""
+    model = small_model(context=8)
+    dc, df = Decoder(model), Decoder(model, cached=False)
+    for n in (1, 3, 3, 8, 8, 11, 11, 12):  # 11 moves the window, then is asked again
+        ids = list(range(1, n + 1))
+        np.testing.assert_allclose(dc.logits(ids), df.logits(ids), rtol=1e-12)
+
+
 def test_original_rule_slide_1_recomputes_last_128():
     model = small_model(context=8)
     ids = list(range(1, 20))

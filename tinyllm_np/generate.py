@@ -68,6 +68,8 @@ class Decoder:
             return self.model.forward(window)[0, -1]
         if start != self.start or self.done > n - start:
             self.start, self.done = start, 0  # the window moved (or the text changed): prefill again
+        elif self.done == n - start:  # asked again with no new token: redo the last one (same keys, same values)
+            self.done -= 1
         new = ids[start + self.done:n]  # tokens not yet in the cache
         if len(new) == 1:  # the common case: one new token, the lean single-vector step
             out = self.model.decode_step(new[0], self.done, self.cache)
