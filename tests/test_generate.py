@@ -32,6 +32,19 @@ def test_decode_step_equals_forward(norm_first, activation):
     np.testing.assert_allclose(steps, model.forward(idx[None])[0], rtol=1e-12, atol=1e-12)
 
 
+def test_decode_step_with_overflowing_attention_scores():
+    """Scores far past exp's float32 range: decode_step's softmax falls back to the shifted one, as forward's."""
+    model = small_model(dtype=np.float32)
+    for i in range(2):
+        model.params[f"layers.{i}.self_attn.in_proj_weight"][:32] *= 60  # q and k rows: scores in the thousands
+    idx = np.random.default_rng(3).integers(0, 23, 16)
+    cache = model.new_kv_cache()
+    steps = np.stack([model.decode_step(int(t), pos, cache) for pos, t in enumerate(idx)])
+    full = model.forward(idx[None])[0]
+    assert np.isfinite(full).all()
+    np.testing.assert_allclose(steps, full, rtol=1e-3, atol=1e-3)
+
+
 def test_decode_step_after_a_prefill():
     """A prompt cached by forward_cached, then one token at a time: the mix Decoder uses."""
     model = small_model()
