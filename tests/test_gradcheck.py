@@ -193,7 +193,8 @@ def test_cli_fails_on_broken_backward(monkeypatch, capsys):
 
 def test_check_catches_ffn_backward_that_forgets_dropout():
     """The feed-forward folds dropout's scale into w2 and applies its mask itself (with GELU)
-    or inside ReLU's: a backward that skips the scale or the mask must fail the check."""
+    or merged into ReLU's: a backward that skips the scale, dropout's mask (GELU) or the merged
+    mask (ReLU) must fail the check.  (That the forward applies them is test_layers' job.)"""
     no_scale = lambda dout, c: L.ffn_backward(dout, c[:4] + (None,) + c[5:])  # noqa: E731  dw2 not rescaled
     assert gc.case_ffn_relu(backward=no_scale)["linear2.weight"].rel > 1e-3
     no_mask = lambda dout, c: L.ffn_backward(dout, c[:2] + (None,) + c[3:])  # noqa: E731  da not masked (GELU)

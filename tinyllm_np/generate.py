@@ -68,7 +68,7 @@ class Decoder:
             return self.model.forward(window)[0, -1]
         if start != self.start or self.done > n - start:
             self.start, self.done = start, 0  # the window moved (or the text changed): prefill again
-        elif self.done == n - start:  # asked again with no new token: redo the last one (same keys, same values)
+        elif self.done == n - start:  # asked again with no new token: redo the last one (its key and value rewritten)
             self.done -= 1
         new = ids[start + self.done:n]  # tokens not yet in the cache
         if len(new) == 1:  # the common case: one new token, the lean single-vector step

@@ -96,6 +96,24 @@ def _layernorm_vector(x, w, b, eps=L.LN_EPS):
     return xc
 
 
+def _softmax_rows(att):
+    """layers.softmax for a few short rows (decode_step's H heads), in fewer NumPy calls.
+
+    exp runs unshifted; only if some row's sum overflowed or fell below 1e-20
+    (the smallest and largest of the sums tell) is the whole thing redone with
+    each row shifted by its own max.  Call it under errstate(over="ignore"):
+    the unshifted exp may overflow, which is what the check catches.
+    """
+    e = np.exp(att)
+    sums = np.add.reduce(e, axis=-1, keepdims=True)
+    s = sums.ravel().tolist()  # a few Python floats: min and max of them cost less than NumPy calls
+    if not (1e-20 <= min(s) and max(s) < math.inf):  # (a NaN may slip through: it stays NaN either way)
+        e = np.exp(att - np.fmax.reduce(att, axis=-1, keepdims=True))
+        sums = np.add.reduce(e, axis=-1, keepdims=True)
+    e /= sums
+    return e
+
+
 class TinyLLM:
     """Character-level causal transformer with hand-written backward.
 
@@ -255,9 +273,10 @@ class TinyLLM:
         relu = cfg.activation == "relu"  # then in place, without the mask relu_forward keeps for a backward
         ln = _layernorm_vector
         x = p["tok_emb.weight"][token] + p["pos_emb.weight"][pos]  # (C,)
-        # overflow in the softmax's unshifted exp is expected and handled there; one errstate for the
-        # whole step (entering it costs about as much as a NumPy call)
-        with np.errstate(over="ignore", invalid="ignore"):
+        # overflow in _softmax_rows's unshifted exp is expected and handled there; one errstate for the
+        # whole step (entering one costs about as much as a NumPy call).  A real blow-up elsewhere
+        # still warns when its infinities turn into NaN ("invalid").
+        with np.errstate(over="ignore"):
             for (w_in, b_in, w_out, b_out, w1, b1, w2, b2, n1w, n1b, n2w, n2b), (k_cache, v_cache) in zip(
                     self._layer_params, cache):
                 K, V = k_cache[0], v_cache[0]  # (H,context,D)
@@ -269,17 +288,8 @@ class TinyLLM:
                 K[:, pos], V[:, pos] = k, v
                 q *= scale
                 att = np.matmul(K[:, :n], q[:, :, None])[:, :, 0]  # (H,n,D) @ (H,D,1) -> (H,n)
-                # softmax over the n keys as layers.softmax does it (exp unshifted unless a row's sum
-                # overflowed or underflowed), in fewer calls for H short rows: one product checks the H
-                # sums at once (a false alarm only costs the shifted redo).  The newest token may see
-                # every cached one: no mask.
-                e = np.exp(att)
-                sums = np.add.reduce(e, axis=1, keepdims=True)
-                if not 1e-30 < float(np.multiply.reduce(sums, axis=None)) < math.inf:
-                    e = np.exp(att - np.fmax.reduce(att, axis=1, keepdims=True))
-                    sums = np.add.reduce(e, axis=1, keepdims=True)
-                e /= sums
-                y = np.matmul(e[:, None, :], V[:, :n])  # (H,1,n) @ (H,n,D) -> (H,1,D)
+                att = _softmax_rows(att)  # over the n keys; the newest token may see every cached one: no mask
+                y = np.matmul(att[:, None, :], V[:, :n])  # (H,1,n) @ (H,n,D) -> (H,1,D)
                 a = np.dot(w_out, y.reshape(C))  # heads side by side, (C,C) @ (C,) -> (C,)
                 a += b_out
                 x = x + a if cfg.norm_first else ln(x + a, n1w, n1b)
