@@ -235,6 +235,8 @@ def test_workers_start_with_one_blas_thread_in_their_environment():
     before = dict(os.environ)
     with DataParallel(small_model(), 2) as dp:
         assert dict(os.environ) == before  # this process's environment is left as it was
+        dp.loss(*batch(4))  # a finished call: the workers are past their exec (right after start
+        # /proc/<pid>/environ can still be the empty one of the forked, not yet exec'd child)
         for pid in dp.pids():
             if not os.path.exists(f"/proc/{pid}/environ"):
                 pytest.skip("no /proc here")
