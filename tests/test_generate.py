@@ -22,6 +22,22 @@ def test_forward_cached_equals_forward(norm_first):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), model.forward(idx), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_forward_cached_last_only(norm_first):
+    """last=True: the last position's logits, and the same keys and values cached as a full pass."""
+    model = small_model(norm_first=norm_first)
+    idx = np.random.default_rng(1).integers(0, 23, (2, 16))
+    full_cache, last_cache = model.new_kv_cache(batch=2), model.new_kv_cache(batch=2)
+    for pos, end in ((0, 9), (9, 10), (10, 16)):  # a prompt, one token, then a longer prefill at pos 10
+        full = model.forward_cached(idx[:, pos:end], full_cache, pos)
+        last = model.forward_cached(idx[:, pos:end], last_cache, pos, last=True)
+        assert last.shape == (2, 1, 23)
+        np.testing.assert_allclose(last, full[:, -1:], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(last[:, 0], model.forward(idx[:, :end])[:, -1], rtol=1e-12, atol=1e-12)
+    for (kf, vf), (kl, vl) in zip(full_cache, last_cache):
+        assert np.array_equal(kf, kl) and np.array_equal(vf, vl)
+
+
 @pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "relu"), (False, "gelu"), (True, "gelu")])
 def test_decode_step_equals_forward(norm_first, activation):
     """The single-vector step generation uses: same logits as the full forward, token by token."""

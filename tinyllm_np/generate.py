@@ -74,7 +74,8 @@ class Decoder:
         if len(new) == 1:  # the common case: one new token, the lean single-vector step
             out = self.model.decode_step(new[0], self.done, self.cache)
         else:  # a prompt or a moved window: all of its new tokens in one batched pass ("prefill")
-            out = self.model.forward_cached(np.asarray(new, dtype=np.int64)[None], self.cache, self.done)[0, -1]
+            out = self.model.forward_cached(np.asarray(new, dtype=np.int64)[None], self.cache, self.done,
+                                            last=True)[0, -1]
         self.done = n - start
         return out
 

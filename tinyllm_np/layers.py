@@ -351,7 +351,7 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     return out, (qkv_cache, q, kT, vs, blocks, out_cache, scale, drop_scale, H)
 
 
-def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_cache, pos):
+def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_cache, pos, last=False):
     """Attention for new tokens only, reusing the keys and values of earlier ones (KV cache).
 
     x (B,Tn,C) holds the tokens at positions pos .. pos+Tn-1.  Their keys and
@@ -359,7 +359,9 @@ def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_ca
     positions 0 .. pos-1; each new query then attends to every cached position
     up to its own.  Same math as attention_forward (evaluation mode), without
     recomputing the past: generating one token costs O(T) instead of O(T^2).
-    Returns out (B,Tn,C).
+    Returns out (B,Tn,C); with ``last``, only the last new position's output,
+    (B,1,C): every new key and value is still cached, but only one query is
+    asked (the model's last layer, whose other outputs nothing reads).
     """
     B, Tn, C = x.shape
     H = n_heads
@@ -369,12 +371,15 @@ def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_ca
     end = pos + Tn
     k_cache[:, :, pos:end] = k
     v_cache[:, :, pos:end] = v
-    att = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B,H,Tn,D) @ (B,H,D,end) -> (B,H,Tn,end)
+    if last:
+        q = q[:, :, -1:]  # (B,H,1,D): the last position, which may see every cached one
+    Tq = q.shape[2]
+    att = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B,H,Tq,D) @ (B,H,D,end) -> (B,H,Tq,end)
     att *= x.dtype.type(1.0 / np.sqrt(D))
-    if Tn > 1:  # a single new token is the last position: it may see every cached one
+    if Tq > 1:  # a single query is the last position: it may see every cached one
         att += causal_mask(end, x.dtype)[pos:end]  # rows of the full mask for these query positions
-    y = softmax(att) @ v_cache[:, :, :end]  # (B,H,Tn,end) @ (B,H,end,D) -> (B,H,Tn,D)
-    y = y.transpose(0, 2, 1, 3).reshape(B, Tn, C)
+    y = softmax(att) @ v_cache[:, :, :end]  # (B,H,Tq,end) @ (B,H,end,D) -> (B,H,Tq,D)
+    y = y.transpose(0, 2, 1, 3).reshape(B, Tq, C)
     return linear_forward(y, w_out, b_out)[0]
 
 
