@@ -1,6 +1,6 @@
 """Benchmark: training step, matmul peak, generation speed, memory; PyTorch side by side if installed.
 
-    python -m tinyllm_np.bench                 # the full run (about a minute)
+    python -m tinyllm_np.bench                 # the full run (about 25 s on 2 cores)
     python -m tinyllm_np.bench --steps 5 --no-torch
 
 Everything is measured in this one run on this machine: the float32 matmul
@@ -231,7 +231,7 @@ def main(argv=None):
             how = (f"{workers} worker processes, BLAS 1 thread each" if workers > 1
                    else f"1 worker (this process), BLAS {blas_threads()} threads")
             print(f"numpy training step, dropout {p}, micro-batches of {args.micro_batch}, {how}: {t * 1e3:.1f} ms  "
-                  f"({B * T / t:,.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / 1e9 / peak:.0f}% of peak)")
+                  f"({B * T / t:,.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / 1e9 / peak:.1f}% of peak)")
     train_rss = peak_rss_mb()
     others_rss = sum(peak_rss_of(pid) for pid in child_pids())  # multiprocessing's resource tracker
     print(f"peak RSS of the training steps: {train_rss + workers_rss + others_rss:.0f} MB "
