@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tinyllm_np import Config, TinyLLM  # noqa: E402
+from tinyllm_np import Config, TinyLLM, load_model  # noqa: E402
 from tinyllm_np import convert  # noqa: E402
 from tinyllm_np.torch_ref import TorchTinyLLM  # noqa: E402
 
@@ -27,7 +27,7 @@ def test_original_checkpoint_converts_and_gives_the_same_logits(tmp_path, shape)
     cfg = Config(**shape)
     tm = make_original(tmp_path / "tiny_llm.pt", cfg, seed=0)
     assert convert.main([str(tmp_path / "tiny_llm.pt"), str(tmp_path / "w.npz")]) == 0
-    model = TinyLLM.load(tmp_path / "w.npz")
+    model = load_model(tmp_path / "w.npz")
     assert model.config == cfg  # shapes -> architecture, heads from d_model / 32
     assert model.chars == CHARS[:59]
     if cfg.d_model == 192:
@@ -45,14 +45,14 @@ def test_export_round_trip(tmp_path):
     ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
     assert ckpt["chars"] == CHARS and set(ckpt["model"]) == set(model.params)
     assert convert.main([str(tmp_path / "a.pt"), str(tmp_path / "b.npz")]) == 0
-    assert np.array_equal(TinyLLM.load(tmp_path / "b.npz").flat, model.flat)
+    assert np.array_equal(load_model(tmp_path / "b.npz").flat, model.flat)
 
 
 def test_heads_flag_and_bad_files(tmp_path, capsys):
     cfg = Config(vocab_size=59, d_model=64, n_layers=2, n_heads=2, d_ff=128, context=32)
     make_original(tmp_path / "m.pt", cfg, seed=1)
     assert convert.main([str(tmp_path / "m.pt"), str(tmp_path / "m.npz"), "--n-heads", "4"]) == 0
-    assert TinyLLM.load(tmp_path / "m.npz").config.n_heads == 4
+    assert load_model(tmp_path / "m.npz").config.n_heads == 4
     assert convert.main([str(tmp_path / "m.pt"), str(tmp_path / "x.npz"), "--n-heads", "5"]) == 2
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert convert.main([str(tmp_path / "junk.pt"), str(tmp_path / "y.npz")]) == 2

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tinyllm_np import Config, TinyLLM, WeightsError
+from tinyllm_np import Config, TinyLLM, load_model, WeightsError
 
 SMALL = dict(vocab_size=13, d_model=16, n_layers=2, n_heads=4, d_ff=32, context=10)
 
@@ -109,7 +109,7 @@ def test_save_load_round_trip(tmp_path, dtype):
     model = TinyLLM(Config(**SMALL, norm_first=True, activation="gelu"), seed=4, dtype=dtype, chars=list("abcdefghijklm"))
     path = tmp_path / "w.npz"
     model.save(path)
-    loaded = TinyLLM.load(path)
+    loaded = load_model(path)
     assert loaded.config == model.config and loaded.dtype == dtype and loaded.chars == model.chars
     idx = np.random.default_rng(0).integers(0, 13, (2, 10))
     np.testing.assert_array_equal(loaded.forward(idx), model.forward(idx))
@@ -123,7 +123,7 @@ def test_load_never_unpickles(tmp_path):
     path = tmp_path / "evil.npz"
     np.savez(path, **arrays)
     with pytest.raises(WeightsError, match="pickled"):
-        TinyLLM.load(path)
+        load_model(path)
 
 
 def test_load_refuses_wrong_shape(tmp_path):
@@ -134,7 +134,7 @@ def test_load_refuses_wrong_shape(tmp_path):
     data["head.weight"] = data["head.weight"][:5]
     np.savez(path, **data)
     with pytest.raises(WeightsError, match="head.weight.*shape"):
-        TinyLLM.load(path)
+        load_model(path)
 
 
 def test_gradients_can_be_weighted_and_accumulated():

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from tinyllm_np import Config, TinyLLM
+from tinyllm_np import Config, TinyLLM, load_model
 from tinyllm_np.parallel import DataParallel, blas_threads, micro_batches, split_batch
 from tinyllm_np.train import main as train_main
 
@@ -273,4 +273,4 @@ def test_more_workers_than_micro_batches_is_fine(capsys, tmp_path):
                        "--checkpoint", str(tmp_path / "ck.npz"), "--log", str(tmp_path / "log.csv"),
                        "--plot", ""]) == 0
     assert "micro-batches of 4 on 1 worker(s)" in capsys.readouterr().err
-    TinyLLM.load(out)
+    load_model(out)

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from tinyllm_np import Config, TinyLLM, WeightsError
+from tinyllm_np import Config, TinyLLM, load_model, WeightsError
 from tinyllm_np import fileio
 from tinyllm_np.chat import ChatSession
 
@@ -91,17 +91,17 @@ def bad_files(tmp_path, good):
 
 
 def test_every_bad_weights_file_is_refused_with_a_clear_message(tmp_path, good):
-    TinyLLM.load(good)  # the untouched file loads
+    load_model(good)  # the untouched file loads
     for name, path, msg in bad_files(tmp_path, good):
         with pytest.raises(WeightsError) as e:
-            TinyLLM.load(path)
+            load_model(path)
         text = str(e.value)
         assert msg in text, f"{name}: {text}"
         assert text.startswith(str(path)) and "\n" not in text, name
     with pytest.raises(WeightsError, match="no such file"):
-        TinyLLM.load(tmp_path / "absent.npz")
+        load_model(tmp_path / "absent.npz")
     with pytest.raises(WeightsError, match="directory"):
-        TinyLLM.load(tmp_path)
+        load_model(tmp_path)
 
 
 def test_pickle_in_weights_never_runs(tmp_path):
@@ -114,13 +114,13 @@ def test_pickle_in_weights_never_runs(tmp_path):
     path = tmp_path / "evil.npz"
     path.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(WeightsError):
-        TinyLLM.load(path)
+        load_model(path)
     arr = np.empty(1, dtype=object)
     arr[0] = Evil()
     with zipfile.ZipFile(tmp_path / "evil2.npz", "w") as z, z.open("head.weight.npy", "w") as f:
         np.lib.format.write_array(f, arr, allow_pickle=True)
     with pytest.raises(WeightsError):
-        TinyLLM.load(tmp_path / "evil2.npz")
+        load_model(tmp_path / "evil2.npz")
     assert not marker.exists()
 
 
@@ -152,7 +152,7 @@ def test_save_replaces_atomically_and_keeps_permissions(tmp_path, good):
     os.chmod(good, 0o640)
     model = TinyLLM(Config(**SMALL), seed=4, chars=list("abcdefghijklm"))
     model.save(good)
-    assert np.array_equal(TinyLLM.load(good).flat, model.flat)
+    assert np.array_equal(load_model(good).flat, model.flat)
     assert os.stat(good).st_mode & 0o777 == 0o640
 
 
@@ -160,7 +160,7 @@ def test_save_replaces_atomically_and_keeps_permissions(tmp_path, good):
 
 @pytest.fixture(scope="module")
 def session():
-    return ChatSession(TinyLLM.load(WEIGHTS), greedy=True)
+    return ChatSession(load_model(WEIGHTS), greedy=True)
 
 
 def test_odd_chat_input_over_a_pipe():
@@ -272,7 +272,7 @@ def test_ctrl_c_while_loading_exits_130_quietly(where, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(C.TinyLLM, "load", interrupted) if where == "load" else \
+    monkeypatch.setattr(C, "load_model", interrupted) if where == "load" else \
         monkeypatch.setattr(C, "ChatSession", interrupted)
     assert C.main(["--prompt", "Hello!", "--greedy"]) == 130
     out, err = capsys.readouterr()

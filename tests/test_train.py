@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tinyllm_np import TinyLLM
+from tinyllm_np import TinyLLM, load_model
 from tinyllm_np import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def test_short_training_run_lowers_the_loss(tmp_path, text_file):
     assert last < 0.5 * first
     vals = [float(r["val_loss"]) for r in rows if r["val_loss"]]
     assert len(vals) == 3 and vals[-1] < vals[0]
-    model = TinyLLM.load(tmp_path / "w.npz")
+    model = load_model(tmp_path / "w.npz")
     assert model.chars == sorted(set(text_file.read_text()))
     assert model.config.d_model == 16 and model.dtype == np.float32
 
@@ -56,7 +56,7 @@ def test_resume_is_bitwise_identical(tmp_path, text_file):
     assert T.main(run_args(b, text_file, "--max-steps", "12", *common)) == 0
     # the second half: same command with --resume, as after an interruption at step 12
     assert T.main(run_args(b, text_file, "--max-steps", "30", "--resume")) == 0
-    wa, wb = TinyLLM.load(a / "w.npz"), TinyLLM.load(b / "w.npz")
+    wa, wb = load_model(a / "w.npz"), load_model(b / "w.npz")
     assert np.array_equal(wa.flat, wb.flat)
     la = [r["train_loss"] for r in read_log(a / "log.csv")]
     lb = [r["train_loss"] for r in read_log(b / "log.csv")]
@@ -71,11 +71,11 @@ def test_resume_keeps_the_checkpoints_micro_batch_and_batch_size(tmp_path, text_
     # the command line also asks for another batch size and micro-batch: the checkpoint's recipe wins
     assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume", "--micro-batch", "1",
                            "--batch-size", "2")) == 0
-    assert np.array_equal(TinyLLM.load(a / "w.npz").flat, TinyLLM.load(b / "w.npz").flat)
+    assert np.array_equal(load_model(a / "w.npz").flat, load_model(b / "w.npz").flat)
     # and the two settings really differ, or this test would prove nothing
     c = tmp_path / "c"
     assert T.main(run_args(c, text_file, "--max-steps", "20", "--micro-batch", "1")) == 0
-    assert not np.array_equal(TinyLLM.load(a / "w.npz").flat, TinyLLM.load(c / "w.npz").flat)
+    assert not np.array_equal(load_model(a / "w.npz").flat, load_model(c / "w.npz").flat)
 
 
 def test_resume_of_a_checkpoint_from_before_micro_batches(tmp_path, text_file):
@@ -91,7 +91,7 @@ def test_resume_of_a_checkpoint_from_before_micro_batches(tmp_path, text_file):
         old.params[k][...] = p
     T.save_checkpoint(b / "ck.npz", old, SimpleNamespace(m=m, v=v), state)
     assert T.main(run_args(b, text_file, "--max-steps", "12", "--resume", "--workers", "1")) == 0
-    assert np.array_equal(TinyLLM.load(a / "w.npz").flat, TinyLLM.load(b / "w.npz").flat)
+    assert np.array_equal(load_model(a / "w.npz").flat, load_model(b / "w.npz").flat)
 
 
 def test_sigint_saves_checkpoint_and_resume_matches(tmp_path, text_file):
@@ -110,7 +110,7 @@ def test_sigint_saves_checkpoint_and_resume_matches(tmp_path, text_file):
     assert "checkpoint saved" in err and "Traceback" not in err
     assert not (cut / "w.npz").exists()
     assert T.main(run_args(cut, text_file, *args, "--resume")) == 0
-    assert np.array_equal(TinyLLM.load(full / "w.npz").flat, TinyLLM.load(cut / "w.npz").flat)
+    assert np.array_equal(load_model(full / "w.npz").flat, load_model(cut / "w.npz").flat)
     assert [r["train_loss"] for r in read_log(full / "log.csv")] == [r["train_loss"] for r in read_log(cut / "log.csv")]
 
 
@@ -134,14 +134,14 @@ def test_a_signal_saves_a_checkpoint_even_when_the_workers_get_it_too(tmp_path, 
     name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
     assert proc.returncode == (0 if signum == signal.SIGTERM else 130), err
     assert f"{name} at step" in err and "Traceback" not in err, err
-    TinyLLM.load(tmp_path / "ck.npz")  # a valid checkpoint
+    load_model(tmp_path / "ck.npz")  # a valid checkpoint
 
 
 def test_non_finite_loss_stops_with_step(tmp_path, text_file, capsys):
     code = T.main(run_args(tmp_path, text_file, "--max-steps", "50", "--lr", "1e30", "--ckpt-every", "1"))
     err = capsys.readouterr().err
     assert code == 1 and "non-finite" in err and "at step" in err
-    TinyLLM.load(tmp_path / "ck.npz")  # the last good checkpoint is still loadable and finite
+    load_model(tmp_path / "ck.npz")  # the last good checkpoint is still loadable and finite
 
 
 def _cli(tmp_path, *args):
@@ -245,7 +245,7 @@ def test_blow_up_after_a_checkpoint_keeps_the_last_good_one(tmp_path, text_file,
     assert T.main(run_args(bad, text_file, "--max-steps", "10", "--ckpt-every", "1")) == 1
     err = capsys.readouterr().err
     assert "non-finite parameters" in err and "at step 3;" in err and "last good checkpoint is kept" in err
-    assert np.array_equal(TinyLLM.load(bad / "ck.npz").flat, TinyLLM.load(good / "w.npz").flat)  # step 2's
+    assert np.array_equal(load_model(bad / "ck.npz").flat, load_model(good / "w.npz").flat)  # step 2's
     assert not (bad / "w.npz").exists()
     assert len(read_log(bad / "log.csv")) == 2
 

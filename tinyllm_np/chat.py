@@ -17,8 +17,8 @@ import sys
 import numpy as np
 
 from .cli import EXIT_USAGE, OneLineParser
-from .generate import generate
-from .model import TinyLLM, WeightsError
+from .generate import check_slide, generate
+from .weights import WeightsError, load_model
 from .tokenizer import CharTokenizer
 
 USER, BOT, END = "<|user|>", "<|bot|>", "<|end|>"
@@ -80,7 +80,7 @@ class ChatSession:
             raise WeightsError(f"the vocabulary lacks {''.join(missing)!r}, needed for the chat format")
         self.temperature, self.top_k, self.greedy = temperature, top_k, greedy
         self.max_new_tokens = max_new_tokens
-        self.slide = slide  # None: generate's default, context // 2
+        self.slide = check_slide(slide, model.config.context)  # ValueError if out of range
         self.rng = np.random.default_rng(seed)
         self.history = []  # (user, reply) pairs
         self.context = model.config.context
@@ -232,10 +232,9 @@ def main(argv=None):
 
 
 def _main(argv):
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a one-line usage error (2)
-        return e.code
+    args, code = build_parser().parse_or_code(argv)
+    if args is None:
+        return code
     try:
         sys.stdin.reconfigure(errors="replace")  # invalid UTF-8 becomes U+FFFD, then is dropped
     except (AttributeError, ValueError):
@@ -247,16 +246,15 @@ def _main(argv):
             return EXIT_USAGE
     path = args.weights or default_weights()
     try:
-        model = TinyLLM.load(path)
-        context = model.config.context
-        if args.slide is not None and not 1 <= args.slide <= context:
-            _notice(f"chat: error: --slide must be between 1 and {context} (the context), got {args.slide}")
-            return EXIT_USAGE
+        model = load_model(path)
         session = ChatSession(model, args.temperature, args.top_k, args.greedy, args.seed, args.max_new_tokens,
                               slide=args.slide)
     except WeightsError as e:
         msg = str(e)
         _notice(f"chat: error: {msg if msg.startswith(path) else f'{path}: {msg}'}")
+        return EXIT_USAGE
+    except ValueError as e:  # --slide out of range for this model's context
+        _notice(f"chat: error: --{e}")
         return EXIT_USAGE
     try:
         if args.prompt is not None:

@@ -14,3 +14,13 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         name = self.prog.split()[-1].removesuffix(".py").rsplit(".", 1)[-1]  # "train.py", "python -m x.bench"
         self.exit(EXIT_USAGE, f"{name}: error: {message}\n")
+
+    def parse_or_code(self, argv=None):
+        """(args, None), or (None, exit code) after --help (0) or a one-line usage error (2).
+
+        For a main() that returns its exit code instead of raising SystemExit.
+        """
+        try:
+            return self.parse_args(argv), None
+        except SystemExit as e:
+            return None, e.code

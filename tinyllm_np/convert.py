@@ -17,7 +17,8 @@ import sys
 import numpy as np
 
 from .cli import OneLineParser
-from .model import Config, TinyLLM, WeightsError
+from .model import Config, TinyLLM
+from .weights import WeightsError, load_model
 
 
 class ConvertError(Exception):
@@ -114,7 +115,7 @@ def main(argv=None):
         return 2
     try:
         if args.to_torch:
-            model = TinyLLM.load(args.src)
+            model = load_model(args.src)
             to_torch_checkpoint(model, args.dst)
         else:
             chars, state = load_torch_checkpoint(args.src)

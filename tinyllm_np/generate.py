@@ -43,15 +43,21 @@ def sample(logits, temperature=0.7, top_k=None, greedy=False, rng=None):
     return min(int(cdf.searchsorted(r, side="right")), z.size - 1)
 
 
+def check_slide(slide, context):
+    """The slide (None: the default, context // 2); ValueError unless 1 <= slide <= context."""
+    slide = max(1, context // 2) if slide is None else slide
+    if not 1 <= slide <= context:
+        raise ValueError(f"slide must be between 1 and {context} (the context), got {slide}")
+    return slide
+
+
 class Decoder:
     """Next-token logits for a growing token list, with a KV cache (or full recomputation)."""
 
     def __init__(self, model, slide=None, cached=True):
         self.model = model
         self.context = model.config.context
-        self.slide = slide if slide is not None else max(1, self.context // 2)
-        if not 1 <= self.slide <= self.context:
-            raise ValueError(f"slide must be between 1 and the context ({self.context})")
+        self.slide = check_slide(slide, self.context)
         self.cached = cached
         self.cache = model.new_kv_cache() if cached else None
         self.start = 0  # first token of the window

@@ -24,10 +24,6 @@ from . import layers as L
 from .fileio import atomic_savez
 
 
-class WeightsError(ValueError):
-    """A weights file that cannot be loaded; the message names the file and the problem."""
-
-
 @dataclasses.dataclass
 class Config:
     vocab_size: int = 59
@@ -429,7 +425,7 @@ class TinyLLM:
     # ---------------------------------------------------------- save/load
 
     def save(self, path):
-        """Write an .npz: one array per parameter plus JSON config and vocabulary.
+        """Write an .npz: one array per parameter plus JSON config and vocabulary (read by weights.load_model).
 
         Written to a temporary file beside ``path`` and moved into place with
         os.replace, so an interrupted save never damages an existing file.
@@ -439,16 +435,3 @@ class TinyLLM:
         if self.chars is not None:
             arrays["__chars__"] = np.array(json.dumps(self.chars))
         atomic_savez(path, arrays)
-
-    @classmethod
-    def load(cls, path):
-        """Read a file written by save(); never unpickles (allow_pickle=False)."""
-        from .weights import load_npz_checked
-
-        config, params, chars, _ = load_npz_checked(path)
-        dtype = next(iter(params.values())).dtype
-        model = cls(config, dtype=dtype, chars=chars)
-        for name, arr in params.items():
-            model.params[name][...] = arr
-        return model
-

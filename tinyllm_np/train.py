@@ -35,11 +35,11 @@ import numpy as np
 from .alloc import reuse_freed_memory
 from .cli import EXIT_USAGE, OneLineParser
 from .dataset import BOT, END, USER
-from .model import Config, TinyLLM, WeightsError
+from .model import Config, TinyLLM
 from .optim import AdamW, clip_grad_norm, lr_at
 from .parallel import DataParallel, micro_batches
 from .tokenizer import CharTokenizer
-from .weights import CHECKPOINT_KEYS, load_npz_checked
+from .weights import CHECKPOINT_KEYS, WeightsError, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
 
 
@@ -477,10 +477,9 @@ def train(args):
 
 
 def main(argv=None):
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a one-line usage error (2)
-        return e.code
+    args, code = build_parser().parse_or_code(argv)
+    if args is None:
+        return code
     try:
         return train(args)
     except TrainError as e:

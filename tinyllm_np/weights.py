@@ -14,7 +14,13 @@ import zipfile
 
 import numpy as np
 
-from .model import Config, WeightsError
+from .model import Config, TinyLLM
+
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded; the message names the file and the problem."""
+
 
 META_KEYS = ("__config__", "__chars__")
 CHECKPOINT_KEYS = ("__opt_m__", "__opt_v__", "__train__")  # training state: a checkpoint loads as weights too
@@ -126,3 +132,12 @@ def load_npz_checked(path, extra=()):
             raise WeightsError(f"{path}: vocabulary has {len(chars)} characters but the embedding has "
                                f"{config.vocab_size} rows")
     return config, params, chars, extras
+
+
+def load_model(path):
+    """The TinyLLM saved in ``path`` (by TinyLLM.save, or a checkpoint); never unpickles."""
+    config, params, chars, _ = load_npz_checked(path)
+    model = TinyLLM(config, dtype=next(iter(params.values())).dtype, chars=chars)
+    for name, arr in params.items():
+        model.params[name][...] = arr
+    return model
