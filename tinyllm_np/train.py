@@ -19,7 +19,6 @@ Ctrl-C (SIGINT) or SIGTERM finish the current step, save a checkpoint and exit
 """
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -34,6 +33,7 @@ import numpy as np
 
 from .alloc import reuse_freed_memory
 from .cli import EXIT_USAGE, OneLineParser
+from .data import DataError, data_fingerprint, fixed_windows, read_text, sample_batch, split_text
 from .dataset import BOT, END, USER
 from .model import Config, TinyLLM
 from .optim import AdamW, clip_grad_norm, lr_at
@@ -44,7 +44,7 @@ from .fileio import atomic_savez, atomic_write_bytes
 
 
 class TrainError(Exception):
-    """A problem with the user's input; printed as one line, exit code 2."""
+    """A problem with the user's input; printed as one line, exit code 2 (as data.DataError)."""
 
 
 
@@ -149,56 +149,9 @@ def check_writable(path, what):
         raise TrainError(f"{what} {path}: is a directory")
 
 
-def read_text(path):
-    """The training text; clear errors for missing, unreadable, empty or non-UTF-8 files."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise TrainError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TrainError(f"{path}: is a directory, not a text file") from None
-    except OSError as e:
-        raise TrainError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TrainError(f"{path}: not valid UTF-8 (byte {e.start})") from None
-    if not text:
-        raise TrainError(f"{path}: file is empty")
-    return text
-
-
-def split_text(text, val_frac):
-    """Train on the head of the text, validate on its tail; cut at a line break if there is one."""
-    cut = int(len(text) * (1 - val_frac))
-    nl = text.rfind("\n", 0, cut)
-    if nl > cut // 2:
-        cut = nl + 1
-    return text[:cut], text[cut:]
-
-
-def sample_batch(ids, B, T, rng):
-    """B random windows: x = ids[i:i+T], y = ids[i+1:i+T+1].  (B,T) each."""
-    starts = rng.integers(0, len(ids) - T, size=B)
-    offs = starts[:, None] + np.arange(T + 1)  # (B,T+1) positions
-    w = ids[offs]
-    return w[:, :-1], w[:, 1:]
-
-
-def fixed_windows(ids, B, T, n_batches, seed):
-    """The same evaluation windows every time (a generator of their own, untouched by training)."""
-    rng = np.random.default_rng(seed)
-    return [sample_batch(ids, B, T, rng) for _ in range(n_batches)]
-
-
 def evaluate(dp, windows):
     """Mean evaluation-mode loss over fixed batches (dp: a parallel.DataParallel)."""
     return float(np.mean([dp.loss(x, y) for x, y in windows]))
-
-
-def data_fingerprint(text):
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ------------------------------------------------------------- checkpoints
@@ -482,7 +435,7 @@ def main(argv=None):
         return code
     try:
         return train(args)
-    except TrainError as e:
+    except (TrainError, DataError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # e.g. the disk filled up while saving; the previous file is intact
