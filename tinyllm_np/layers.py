@@ -1,13 +1,18 @@
-"""Hand-written forward and backward passes, one pair per operation.
+"""The fast engine: the layers of reference.py, rewritten where rewriting was measured to pay.
 
-Every op follows the CS231n convention::
+Every function here computes what the function of the same name in
+``reference.py`` (the textbook engine, which a learner reads first) computes,
+with the same CS231n convention::
 
     out, cache = op_forward(x, ...)
     dx, (dparams...) = op_backward(dout, cache)
 
-``dout`` is dL/d(out), the gradient of the scalar loss L with respect to the op's
-output; the backward returns dL/d(input) for each input.  Shapes use the same
-short names everywhere:
+and the same numbers to float rounding (tests/test_reference.py checks every
+pair, forward and backward, with and without dropout).  Each function's
+docstring says what it computes in reference terms and what its trick buys,
+measured on one micro-batch (B=4, T=128, C=128) unless it says otherwise.
+Where there is no trick to play, the reference's own function is used
+(GELU, the dropout mask).  Shapes use the same short names everywhere:
 
     B batch, T time (sequence length), C model width (d_model), H heads,
     D head size (C // H), F feed-forward width (d_ff), V vocabulary size.
@@ -23,7 +28,7 @@ from functools import lru_cache
 
 import numpy as np
 
-LN_EPS = 1e-5  # PyTorch's nn.LayerNorm / TransformerEncoderLayer default
+from .reference import LN_EPS, dropout_mask, gelu_backward, gelu_forward, keep_prob  # noqa: F401  (no trick to play)
 
 
 @lru_cache(maxsize=64)
@@ -163,63 +168,20 @@ def relu_backward(dout, cache):
     return dout * mask
 
 
-_GELU_K = np.sqrt(2.0 / np.pi)
-_GELU_A = 0.044715
-
-
-def gelu_forward(x):
-    """GELU, tanh form (GPT-2's; PyTorch's ``gelu(x, approximate="tanh")``).
-
-        u = sqrt(2/pi) * (x + 0.044715 x^3)
-        y = 0.5 x (1 + tanh(u))
-    """
-    k = x.dtype.type(_GELU_K)
-    u = k * (x + x.dtype.type(_GELU_A) * x ** 3)
-    t = np.tanh(u)
-    return 0.5 * x * (1 + t), (x, t)
-
-
-def gelu_backward(dout, cache):
-    """Product rule on y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi)(x + 0.044715 x^3):
-
-        dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) * sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    with t = tanh(u) saved from the forward.  dx = dout * dy/dx.
-    """
-    x, t = cache
-    k = x.dtype.type(_GELU_K)
-    a3 = x.dtype.type(3 * _GELU_A)
-    dydx = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + a3 * x * x)
-    return dout * dydx
-
-
 ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gelu_backward)}
 
 
 # ------------------------------------------------------------------ dropout
 
 def dropout_scale(p, dtype):
-    """1/(1-p) for the drop probability dropout_mask really uses, round(p * 65536) / 65536."""
-    return np.dtype(dtype).type(65536 / (65536 - round(p * 65536)))
+    """1 / reference.keep_prob(p), in ``dtype``: what the survivors of dropout_mask are multiplied by.
 
-
-def dropout_mask(shape, p, rng):
-    """The random part of inverted dropout: a bool mask, each entry True (kept) with probability 1 - p.
-
-    Dropout multiplies by m = keep * dropout_scale(p).  Ops that can fold the
-    scale into a smaller array (attention's v, the feed-forward's second
-    weight) take the mask alone.
-
-    Speed: the mask comes from 16 random bits per entry (raw bits are several
-    times cheaper to draw than floats), dropping an entry when its bits fall
-    below t = round(p * 65536).  The drop probability is then exactly t / 65536
-    (0.100006 for p = 0.1) and the scale is 1 / (1 - t/65536), so E[x * m] = x
-    holds exactly.  The bits are drawn as full-range 64-bit integers, each cut
-    into four 16-bit ones: a full-range draw is the generator's raw output, with
-    no bounding work, which halves the cost of drawing 16-bit integers directly.
+    Multiplying by this costs less than reference.dropout_forward's division
+    (the numbers differ by float rounding only).  Ops that can fold the scale
+    into a smaller array (attention's v, the feed-forward's second weight)
+    take dropout_mask's bare 0/1 mask and this scale separately.
     """
-    n = math.prod(shape)
-    bits = rng.integers(0, 2 ** 64, size=-(-n // 4), dtype=np.uint64).view(np.uint16)
-    return bits[:n].reshape(shape) >= round(p * 65536)  # bool mask, 1 byte an entry
+    return np.dtype(dtype).type(1.0 / keep_prob(p))
 
 
 def dropout_forward(x, p, rng):
@@ -338,12 +300,14 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     vs = np.multiply(v, drop_scale, order="C")  # v / (1-p), contiguous (B,H,T,D)
     y = np.empty((B, T, C), dtype=x.dtype)
     yh = y.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B,H,T,D) view of y: the heads land side by side
+    # the reference's mask: all (T,T) entries drawn at once, whatever the blocks (each takes its part)
+    keep_all = dropout_mask((B, H, T, T), p_drop, rng) if drop else None
     blocks = []
     for s, e in query_blocks(T, n_blocks):
         att = q[:, :, s:e] @ kT[:, :, :, :e]  # (B,H,Tb,D) @ (B,H,D,e) -> (B,H,Tb,e)
         att += causal_mask(T, x.dtype)[s:e, :e]
         att = softmax(att)
-        keep = dropout_mask(att.shape, p_drop, rng) if drop else None
+        keep = keep_all[:, :, s:e, :e] if drop else None
         att_k = np.multiply(att, keep) if drop else att  # A * keep
         np.matmul(att_k, vs[:, :, :e], out=yh[:, :, s:e])  # (B,H,Tb,e) @ (B,H,e,D) -> (B,H,Tb,D)
         blocks.append((s, e, att, keep, att_k))
