@@ -34,3 +34,12 @@ def test_bad_input_is_one_line(args, msg, capsys):
         M.main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("minimal_train: error:") and msg in err
+
+
+def test_the_tour_shows_the_loop_as_it_is():
+    import inspect
+
+    tour = open(os.path.join(os.path.dirname(DATA), "..", "docs", "tour.md"), encoding="utf-8").read()
+    shown = tour.split("```python\n", 1)[1].split("```", 1)[0]
+    source = [line for line in inspect.getsource(M.train).splitlines() if not line.lstrip().startswith('"""')]
+    assert shown.splitlines() == source

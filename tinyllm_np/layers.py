@@ -112,12 +112,7 @@ def linear_backward(dout, cache):
 # ---------------------------------------------------------------- layernorm
 
 def layernorm_forward(x, w, b, eps=LN_EPS):
-    """reference.layernorm_forward: normalize each row of the last axis, then scale and shift.
-
-        mu   = mean(x)                  over the last axis (C)
-        var  = mean((x - mu)^2)         biased, as PyTorch
-        xhat = (x - mu) / sqrt(var + eps)
-        y    = w * xhat + b
+    """reference.layernorm_forward: y = w * (x - mu) / sqrt(var + eps) + b, mu and var over the last axis.
 
     The sums over C as matrix-vector products (row_sums) or einsum, and xhat
     built in place: with layernorm_backward, 0.38 -> 0.25 ms a micro-batch.
