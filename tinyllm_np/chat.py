@@ -22,7 +22,9 @@ from .weights import WeightsError, load_model
 from .tokenizer import CharTokenizer
 
 USER, BOT, END = "<|user|>", "<|bot|>", "<|end|>"
-STOP_MARKERS = (END, USER)  # a reply ends at <|end|>; <|user|> would mean it ran on into a new turn
+# a reply ends at <|end|>; <|user|> or <|bot|> would mean it ran on into a new turn (a weakly trained
+# model writes a literal <|bot|> mid-reply)
+STOP_MARKERS = (END, USER, BOT)
 HELP = """commands:
   /reset   forget the conversation so far
   /help    show this help

@@ -10,6 +10,10 @@
             x = x + dropout(ffn(norm2(x)))
     logits = ln(x) @ head.T                                 (B,T,C) -> (B,T,V)
 
+The layers come from an engine: ``layers`` (fast, the default) or ``reference``
+(the textbook forms, which read like the math); ``TinyLLM(cfg, engine="reference")``.
+Both compute the same numbers to float rounding; the engine changes nothing else.
+
 Parameters carry the names and shapes of the original's PyTorch state_dict and
 live as views into one flat buffer (``model.flat``), so the optimizer can update
 all 626,560 of them with a handful of vectorized operations.
@@ -21,6 +25,7 @@ import math
 import numpy as np
 
 from . import layers as L
+from . import reference
 from .fileio import atomic_savez
 
 
@@ -113,13 +118,18 @@ def _softmax_rows(att):
 class TinyLLM:
     """Character-level causal transformer with hand-written backward.
 
-    model = TinyLLM(Config(vocab_size=59), seed=0)
+    model = TinyLLM(Config(vocab_size=59), seed=0)      # engine="reference": the textbook layers
     logits = model.forward(idx)                         # (B,T) ints -> (B,T,V), no dropout
     loss, grads = model.loss_and_grads(idx, targets, train=True)
     """
 
-    def __init__(self, config, seed=0, dtype=np.float32, chars=None):
+    ENGINES = {"fast": L, "reference": reference}
+
+    def __init__(self, config, seed=0, dtype=np.float32, chars=None, engine="fast"):
         self.config = config
+        if engine not in self.ENGINES:
+            raise ValueError(f"engine must be one of {sorted(self.ENGINES)}, got {engine!r}")
+        self.engine, self.L = engine, self.ENGINES[engine]  # the module whose layers the model runs
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
@@ -181,7 +191,7 @@ class TinyLLM:
         ``last`` as well, the layer's output is computed for the last position
         alone, (B,1,C) (see forward_cached).
         """
-        cfg, p, q = self.config, self.params, f"layers.{i}."
+        cfg, p, q, L = self.config, self.params, f"layers.{i}.", self.L
         pd = cfg.dropout if rng is not None else 0.0
 
         w_attn = (p[q + "self_attn.in_proj_weight"], p[q + "self_attn.in_proj_bias"],
@@ -221,7 +231,7 @@ class TinyLLM:
 
     def _forward(self, idx, rng):
         """Full forward; returns (logits, cache for the backward)."""
-        p = self.params
+        p, L = self.params, self.L
         B, T = idx.shape
         x, c_tok = L.embedding_forward(idx, p["tok_emb.weight"])  # (B,T) -> (B,T,C)
         x = x + p["pos_emb.weight"][:T]  # broadcast over B: position t gets row t
@@ -245,7 +255,7 @@ class TinyLLM:
         norms, and the head, run for one position instead of Tn, since nothing
         reads the others (measured: a 64-token prefill 1.40 -> 1.19 ms).
         """
-        p = self.params
+        p, L = self.params, self.L
         Tn = idx.shape[1]
         if pos + Tn > self.config.context:
             raise ValueError(f"positions up to {pos + Tn} exceed the context of {self.config.context}")
@@ -323,7 +333,7 @@ class TinyLLM:
 
     def _block_backward(self, dout, i, cache, grads):
         """Backward of one encoder layer; adds its parameter gradients into grads."""
-        cfg, q = self.config, f"layers.{i}."
+        cfg, q, L = self.config, f"layers.{i}.", self.L
         ca, cn1, cf, cn2 = cache
 
         def attn_back(da):
@@ -368,6 +378,7 @@ class TinyLLM:
     def _backward(self, dlogits, cache, grads):
         """The forward read in reverse; adds every parameter's gradient into grads (views like params)."""
         c_tok, block_caches, c_ln, c_head, T = cache
+        L = self.L
         dx, dhead, _ = L.linear_backward(dlogits, c_head)
         grads["head.weight"] += dhead
         dx, dw, db = L.layernorm_backward(dx, c_ln)
@@ -396,7 +407,7 @@ class TinyLLM:
         idx = self._check_idx(idx)
         targets = self._check_targets(idx, targets)
         logits, _ = self._forward(idx, self._dropout_rng(train, rng))
-        return L.cross_entropy_forward(logits, targets)[0]
+        return self.L.cross_entropy_forward(logits, targets)[0]
 
     def loss_and_grads(self, idx, targets, train=False, rng=None, weight=1.0, grads=None):
         """Mean cross-entropy of next-token targets and its gradient for every parameter.
@@ -416,10 +427,10 @@ class TinyLLM:
         idx = self._check_idx(idx)
         targets = self._check_targets(idx, targets)
         logits, cache = self._forward(idx, self._dropout_rng(train, rng))
-        loss, c_ce = L.cross_entropy_forward(logits, targets)
+        loss, c_ce = self.L.cross_entropy_forward(logits, targets)
         if grads is None:
             grads = flat_views(self.shapes, np.zeros_like(self.flat))
-        self._backward(L.cross_entropy_backward(weight, c_ce), cache, grads)
+        self._backward(self.L.cross_entropy_backward(weight, c_ce), cache, grads)
         return loss, grads
 
     # ---------------------------------------------------------- save/load

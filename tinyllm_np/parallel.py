@@ -156,14 +156,14 @@ def _send_error(conn, e):
     conn.send(("error", e))
 
 
-def _worker_main(conn, config, dtype, params_buf, grads_buf, slot, reuse_memory):
+def _worker_main(conn, config, dtype, engine, params_buf, grads_buf, slot, reuse_memory):
     """A worker process: wait for micro-batches, answer with their weighted loss; gradients go to shared memory."""
     for signum in _PARENT_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     if reuse_memory:  # the parent's allocator setting (alloc.py): 112 -> 100 ms a step, measured
         alloc.reuse_freed_memory()
     blas_threads(1)  # one core each: the workers already fill the machine
-    model = TinyLLM(config, dtype=dtype)
+    model = TinyLLM(config, dtype=dtype, engine=engine)  # the caller's engine: the same numbers
     params = np.frombuffer(params_buf, dtype=model.dtype)
     grads = np.frombuffer(grads_buf, dtype=model.dtype).reshape(-1, params.size)[slot]
     try:
@@ -240,8 +240,8 @@ class DataParallel:
             for slot in range(workers):
                 conn, child = ctx.Pipe()
                 p = ctx.Process(target=_worker_main, daemon=True, name=f"tinyllm-worker-{slot}",
-                                args=(child, model.config, model.dtype.str, self._params_buf, self._grads_buf,
-                                      slot, self.reuse_memory))
+                                args=(child, model.config, model.dtype.str, model.engine, self._params_buf,
+                                      self._grads_buf, slot, self.reuse_memory))
                 p.start()
                 child.close()
                 self._conns.append(conn)

@@ -90,6 +90,9 @@ def build_parser():
     m.add_argument("--d-ff", type=int, default=512)
     m.add_argument("--norm-first", action="store_true", help="pre-norm (GPT-2 style) instead of post-norm")
     m.add_argument("--activation", choices=["relu", "gelu"], default="relu")
+    m.add_argument("--engine", choices=["fast", "reference"], default="fast",
+                   help="layers to compute with: fast (layers.py) or reference (reference.py, the textbook forms); "
+                        "the same numbers to float rounding, the same weights (default: %(default)s)")
     e = ap.add_argument_group("evaluation and output")
     e.add_argument("--val-frac", type=float, default=0.1, help="held-out fraction of the text (default: 0.1)")
     e.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: once an epoch)")
@@ -309,14 +312,15 @@ def train(args):
         if state.get("data_sha256") != fingerprint:
             raise TrainError(f"cannot resume: {args.checkpoint} was trained on different data than {args.data}")
         tok = CharTokenizer(chars)
-        model = TinyLLM(config, seed=args.seed, dtype=next(iter(params.values())).dtype, chars=chars)
+        model = TinyLLM(config, seed=args.seed, dtype=next(iter(params.values())).dtype, chars=chars,
+                        engine=args.engine)
         for k, v in params.items():
             model.params[k][...] = v
         hp = state["hparams"]
         if "micro_batch" not in hp:
             # an older checkpoint, whose batch was split into one micro-batch per worker: the nearest
             # micro-batch size (the same split when the workers divide the batch; the dropout masks
-            # differ anyway, since attention now draws them per query block)
+            # differ anyway, since attention has changed how it draws them since)
             hp["micro_batch"] = math.ceil(hp["batch_size"] / hp.get("workers", 1))
         hp.pop("workers", None)  # the workers do not change the numbers: the command line's count runs
         for k, v in hp.items():  # the recipe is the checkpoint's, whatever the command line says
@@ -326,7 +330,7 @@ def train(args):
         config = Config(vocab_size=len(tok), d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                         d_ff=args.d_ff, context=args.context, dropout=args.dropout, norm_first=args.norm_first,
                         activation=args.activation)
-        model = TinyLLM(config, seed=args.seed, chars=tok.chars)
+        model = TinyLLM(config, seed=args.seed, chars=tok.chars, engine=args.engine)
         state = None
     T, B = config.context, args.batch_size  # on --resume, the checkpoint's
     for name, part in (("training", train_text), ("validation", val_text)):
