@@ -148,19 +148,28 @@ def layernorm_backward(dout, cache):
 
 # -------------------------------------------------------------- activations
 
-def relu_forward(x):
-    """y = max(x, 0).  The cache is the mask [x > 0], one byte an entry.
+def relu_forward(x, keep=None, out=None):
+    """y = x * [x > 0] (= max(x, 0) but at x = -inf, NaN there).  The cache is the mask, one byte an entry.
+
+    With ``keep`` (a dropout mask) the cache is [x > 0] & keep and y = relu(x) * keep:
+    ReLU's mask and dropout's in one, so the feed-forward applies both with a
+    single multiply forward and backward.  ``out`` may be x itself when nothing
+    else reads x (the feed-forward's hidden layer).  This is the ReLU the model
+    runs (ffn_forward calls it) and the one gradcheck checks; decode_step, which
+    needs no mask, uses np.maximum and is tested equal to forward instead.
 
     Keeping the mask (rather than rebuilding it from y in the backward) makes
     the backward a single multiply: 150 -> 100 us on a (512,512) array.
     """
-    return np.maximum(x, 0), x > 0
+    mask = x > 0
+    if keep is not None:
+        mask &= keep
+    return np.multiply(x, mask, out=out), mask
 
 
-def relu_backward(dout, cache):
-    """dy/dx is 1 where x > 0 and 0 elsewhere, so dx = dout * [x > 0]."""
-    mask = cache
-    return dout * mask
+def relu_backward(dout, cache, out=None):
+    """dy/dx is 1 where x > 0 (and kept) and 0 elsewhere, so dx = dout * mask; ``out`` may be dout."""
+    return np.multiply(dout, cache, out=out)
 
 
 _GELU_K = np.sqrt(2.0 / np.pi)
@@ -197,9 +206,30 @@ ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gel
 
 # ------------------------------------------------------------------ dropout
 
+DROPOUT_BITS = 65536  # dropout masks compare 16-bit random integers with a threshold
+
+
+def dropout_threshold(p):
+    """t = round(p * 65536): dropout_mask drops an entry when its 16 random bits are below t.
+
+    The drop probability is then t / 65536, so only p = 0 or 1 <= t <= 65535,
+    i.e. 0.5/65536 < p < 65535.5/65536 (7.6294e-6 to 0.99999237), is represented: a smaller p would silently
+    mean no dropout, a larger one would drop everything (scale 1/0).  Any
+    other p is a ValueError naming that range.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not math.isfinite(p):
+        raise ValueError(f"dropout must be a finite number, got {p!r}")
+    t = round(p * DROPOUT_BITS)
+    if p != 0 and not 1 <= t < DROPOUT_BITS:
+        why = ("" if not 0 < p < 1 else ": masks are 16-bit (an entry drops when its bits < round(p * 65536)), "
+               "so this p would mean " + ("no dropout" if t < 1 else "dropping everything"))
+        raise ValueError(f"dropout must be 0 or in (7.6294e-06, 0.99999237), i.e. 0.5/65536 < p < 65535.5/65536, got {p!r}{why}")
+    return t
+
+
 def dropout_scale(p, dtype):
     """1/(1-p) for the drop probability dropout_mask really uses, round(p * 65536) / 65536."""
-    return np.dtype(dtype).type(65536 / (65536 - round(p * 65536)))
+    return np.dtype(dtype).type(DROPOUT_BITS / (DROPOUT_BITS - dropout_threshold(p)))
 
 
 def dropout_mask(shape, p, rng):
@@ -219,7 +249,7 @@ def dropout_mask(shape, p, rng):
     """
     n = math.prod(shape)
     bits = rng.integers(0, 2 ** 64, size=-(-n // 4), dtype=np.uint64).view(np.uint16)
-    return bits[:n].reshape(shape) >= round(p * 65536)  # bool mask, 1 byte an entry
+    return bits[:n].reshape(shape) >= dropout_threshold(p)  # bool mask, 1 byte an entry
 
 
 def dropout_forward(x, p, rng):
@@ -488,17 +518,16 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", p_drop=0.0, rng=None):
     fresh output): writing into a fresh 1 MB array instead costs more than the
     multiply (measured: 0.5 ms of a 25 ms micro-batch).  h * [h > 0] differs
     from max(h, 0) only at h = -inf (NaN instead of 0), where training has
-    already diverged.
+    already diverged.  The ReLU is relu_forward/relu_backward themselves (with
+    ``keep`` and ``out``), so the gradient-checked functions are the ones run.
     """
     act_forward, _ = ACTIVATIONS[activation]
     h, c1 = linear_forward(x, w1, b1)  # (B,T,C) -> (B,T,F)
     drop = rng is not None and p_drop > 0
     keep = dropout_mask(h.shape, p_drop, rng) if drop else None
     if activation == "relu":
-        ca = h > 0  # ReLU's mask, and so its backward's
-        if drop:
-            ca &= keep  # ReLU's mask and dropout's in one
-        a, keep = np.multiply(h, ca, out=h), None
+        a, ca = relu_forward(h, keep, out=h)  # ReLU's mask and dropout's in one, written into h
+        keep = None
     else:
         a, ca = act_forward(h)
         if drop:
@@ -525,7 +554,7 @@ def ffn_backward(dout, cache):
     if keep is not None:
         np.multiply(da, keep, out=da)
     if activation == "relu":
-        dh = np.multiply(da, ca, out=da)  # relu_backward, in place: da is ours alone
+        dh = relu_backward(da, ca, out=da)  # in place: da is ours alone
     else:
         dh = act_backward(da, ca)
     dx, dw1, db1 = linear_backward(dh, c1)
