@@ -223,7 +223,8 @@ def dropout_threshold(p):
     if p != 0 and not 1 <= t < DROPOUT_BITS:
         why = ("" if not 0 < p < 1 else ": masks are 16-bit (an entry drops when its bits < round(p * 65536)), "
                "so this p would mean " + ("no dropout" if t < 1 else "dropping everything"))
-        raise ValueError(f"dropout must be 0 or in (7.6294e-06, 0.99999237), i.e. 0.5/65536 < p < 65535.5/65536, got {p!r}{why}")
+        raise ValueError(f"dropout must be 0 or in (7.6294e-06, 0.99999237), i.e. 0.5/65536 < p < 65535.5/65536, "
+                         f"got {p!r}{why}")
     return t
 
 
