@@ -87,8 +87,7 @@ def test_resume_of_a_checkpoint_from_before_micro_batches(tmp_path, text_file):
     del state["hparams"]["micro_batch"]
     state["hparams"]["workers"] = 2  # batch 4 over 2 workers: micro-batches of 2
     old = TinyLLM(config, chars=chars)
-    for k, p in params.items():
-        old.params[k][...] = p
+    old.load_state_dict(params)
     T.save_checkpoint(b / "ck.npz", old, SimpleNamespace(m=m, v=v), state)
     assert T.main(run_args(b, text_file, "--max-steps", "12", "--resume", "--workers", "1")) == 0
     assert np.array_equal(load_model(a / "w.npz").flat, load_model(b / "w.npz").flat)

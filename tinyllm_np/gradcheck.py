@@ -171,7 +171,8 @@ def _case_activation(fwd, bwd, seed):
 
 
 def case_relu(seed=0, backward=None, lib=L):
-    return _case_activation(lib.relu_forward, backward or lib.relu_backward, seed)
+    """relu_forward/relu_backward, the ReLU ffn_forward runs (decode_step's np.maximum is tested equal to forward)."""
+    return _case_activation(lib.relu_forward, backward or lib.relu_backward, seed)  # looked up now: a patch is seen
 
 
 def case_gelu(seed=0, backward=None, lib=L):

@@ -22,6 +22,7 @@ all 626,560 of them with a handful of vectorized operations.
 import dataclasses
 import json
 import math
+import operator
 import numpy as np
 
 from . import layers as L
@@ -48,8 +49,10 @@ class Config:
                 raise ValueError(f"Config.{name} must be a positive integer, got {v!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"Config.dropout must be in [0, 1), got {self.dropout!r}")
+        try:
+            reference.dropout_threshold(self.dropout)  # 0, or a p the 16-bit masks represent
+        except ValueError as e:
+            raise ValueError(f"Config.{e}") from None
         if self.activation not in L.ACTIVATIONS:
             raise ValueError(f"Config.activation must be one of {sorted(L.ACTIVATIONS)}, got {self.activation!r}")
 
@@ -115,6 +118,40 @@ def _softmax_rows(att):
     return e
 
 
+class ParamDict(dict):
+    """model.params: name -> view into model.flat, a dict that refuses rebinding.
+
+    ``params[k] = arr`` would leave model.flat, the per-layer views, the workers
+    and AdamW's flat fast path reading the old array without a word; it raises
+    TypeError instead (writing the same array back, as ``params[k] *= 2`` does,
+    is allowed).  Write in place, ``params[k][...] = arr``, or use
+    ``model.load_state_dict(d)``.  A dict subclass, so reading stays a dict lookup.
+    """
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("model.params cannot be rebound (its arrays are views into model.flat): write in place, "
+                        "model.params[k][...] = arr, or use model.load_state_dict(d)")
+
+    def __setitem__(self, k, v):
+        if k not in self or v is not dict.__getitem__(self, k):
+            self._refuse()
+
+    __delitem__ = pop = popitem = clear = update = setdefault = __ior__ = _refuse
+
+    def __reduce__(self):
+        return dict, (dict(self),)  # a pickle or copy is a plain dict
+
+
+def _as_int(v, what):
+    """operator.index(v) (a Python or NumPy integer, not a bool or float), else ValueError."""
+    if isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{what} must be an integer, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {v!r}") from None
+
+
 class TinyLLM:
     """Character-level causal transformer with hand-written backward.
 
@@ -136,8 +173,8 @@ class TinyLLM:
         self.chars = None if chars is None else list(chars)
         self.shapes = config.param_shapes()
         self.n_params = sum(math.prod(s) for s in self.shapes.values())
-        self.flat = np.zeros(self.n_params, dtype=self.dtype)
-        self.params = flat_views(self.shapes, self.flat)
+        self._flat = np.zeros(self.n_params, dtype=self.dtype)
+        self._params = ParamDict(flat_views(self.shapes, self._flat))
         # each layer's 12 parameters in param_shapes' order (in_proj w, b; out_proj w, b; linear1 w, b;
         # linear2 w, b; norm1 w, b; norm2 w, b) for decode_step's hot loop; views, so they follow
         # every in-place update (training, load)
@@ -145,6 +182,57 @@ class TinyLLM:
                               for i in range(config.n_layers)]
         self.rng = np.random.default_rng(seed)  # dropout masks come from here
         self._init_weights(np.random.default_rng(seed))
+
+    @property
+    def flat(self):
+        """All parameters, one 1-D buffer; update it in place (``flat[...] = x``, ``flat += d``)."""
+        return self._flat
+
+    @flat.setter
+    def flat(self, value):
+        if value is not self._flat:  # `model.flat += d` updates in place, then assigns the same array back
+            raise AttributeError("model.flat cannot be rebound: write in place, model.flat[...] = x, "
+                                 "or use model.load_state_dict(d)")
+
+    @property
+    def params(self):
+        """Name -> view into ``flat``, read-only as a mapping (see ParamDict)."""
+        return self._params
+
+    @params.setter
+    def params(self, value):
+        if value is not self._params:
+            raise AttributeError("model.params cannot be rebound: write in place, model.params[k][...] = arr, "
+                                 "or use model.load_state_dict(d)")
+
+    def load_state_dict(self, state):
+        """Copy ``state`` (name -> array, exactly the names and shapes of ``params``) into ``flat``, in place.
+
+        Everything is checked before anything is copied (names, shapes, real
+        floating dtype, finite values), so a refused state leaves the model as
+        it was; a ValueError names the first problem.  Values are cast to the
+        model's dtype.  The views, workers and optimizers that read ``flat``
+        see the new values, since no array is replaced.
+        """
+        missing = [k for k in self.shapes if k not in state]
+        extra = [k for k in state if k not in self.shapes]
+        if missing or extra:
+            raise ValueError("state does not match the model: "
+                             + (f"missing {', '.join(missing[:3])}" if missing else "")
+                             + ("; " if missing and extra else "")
+                             + (f"unexpected {', '.join(map(str, extra[:3]))}" if extra else ""))
+        arrays = {}
+        for k, shape in self.shapes.items():
+            a = np.asarray(state[k])
+            if a.shape != shape:
+                raise ValueError(f"state '{k}' has shape {a.shape}, the model's is {shape}")
+            if a.dtype.kind != "f":
+                raise ValueError(f"state '{k}' has dtype {a.dtype}, expected a floating type")
+            if not np.isfinite(a).all():
+                raise ValueError(f"state '{k}' holds NaN or infinite values")
+            arrays[k] = a
+        for k, a in arrays.items():
+            self._params[k][...] = a
 
     def _init_weights(self, rng):
         """PyTorch's default initialization for each module of the original."""
@@ -180,8 +268,16 @@ class TinyLLM:
         if not 1 <= T <= self.config.context:
             raise ValueError(f"sequence length {T} must be between 1 and context={self.config.context}")
         if idx.size and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values from "
+                             f"{idx.min()} to {idx.max()}")
         return idx
+
+    def _check_cache(self, cache, B):
+        c = self.config
+        shape = (B, c.n_heads, c.context, c.d_model // c.n_heads)
+        if len(cache) != c.n_layers or any(k.shape != shape or v.shape != shape for k, v in cache):
+            raise ValueError(f"the KV cache must hold {c.n_layers} (k, v) pairs shaped {shape} "
+                             "(model.new_kv_cache)")
 
     def _block_forward(self, x, i, rng, kv=None, last=False):
         """One encoder layer; returns (out, cache).  rng None means no dropout.
@@ -256,9 +352,11 @@ class TinyLLM:
         reads the others (measured: a 64-token prefill 1.40 -> 1.19 ms).
         """
         p, L = self.params, self.L
-        Tn = idx.shape[1]
-        if pos + Tn > self.config.context:
-            raise ValueError(f"positions up to {pos + Tn} exceed the context of {self.config.context}")
+        idx = self._check_idx(idx)
+        Tn, pos = idx.shape[1], _as_int(pos, "pos")
+        if not 0 <= pos <= self.config.context - Tn:
+            raise ValueError(f"positions {pos}..{pos + Tn - 1} are outside the context 0..{self.config.context - 1}")
+        self._check_cache(cache, idx.shape[0])
         x = p["tok_emb.weight"][idx] + p["pos_emb.weight"][pos:pos + Tn]  # (B,Tn) -> (B,Tn,C)
         for i, (k, v) in enumerate(cache):
             x, _ = self._block_forward(x, i, None, kv=(k, v, pos), last=last and i == len(cache) - 1)
@@ -276,10 +374,14 @@ class TinyLLM:
         Shapes: x (C,); q, k, v (H,D); the cache (1,H,context,D) per layer.
         """
         cfg, p = self.config, self.params
+        if type(token) is not int or type(pos) is not int:  # the usual case costs two type checks
+            token, pos = _as_int(token, "token id"), _as_int(pos, "position")
         if not 0 <= pos < cfg.context:
-            raise ValueError(f"position {pos} is outside the context of {cfg.context}")
+            raise ValueError(f"position {pos} is outside the context 0..{cfg.context - 1}")
         if not 0 <= token < cfg.vocab_size:
             raise ValueError(f"token id {token} is outside [0, {cfg.vocab_size})")
+        if len(cache) != len(self._layer_params):  # zip would silently skip the missing layers
+            raise ValueError(f"the KV cache has {len(cache)} layers, the model {len(self._layer_params)}")
         H, C = cfg.n_heads, cfg.d_model
         D, n = C // H, pos + 1
         scale = 1.0 / math.sqrt(D)  # a Python float: q keeps its dtype
@@ -397,9 +499,15 @@ class TinyLLM:
         return self.rng if rng is None else rng
 
     def _check_targets(self, idx, targets):
+        """targets as an array: integers in [0, V), shaped like idx (no ignore index: -100 is an error)."""
         targets = np.asarray(targets)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(f"targets must be integers, got {targets.dtype}")
+        if targets.size and (targets.min() < 0 or targets.max() >= self.config.vocab_size):
+            raise ValueError(f"targets must be in [0, {self.config.vocab_size}), got values from "
+                             f"{targets.min()} to {targets.max()}")
         return targets
 
     def loss(self, idx, targets, train=False, rng=None):

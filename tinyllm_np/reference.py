@@ -169,6 +169,28 @@ ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gel
 
 # ------------------------------------------------------------------ dropout
 
+DROPOUT_BITS = 65536  # dropout masks compare 16-bit random integers with a threshold
+
+
+def dropout_threshold(p):
+    """t = round(p * 65536): dropout_mask drops an entry when its 16 random bits are below t.
+
+    The drop probability is then t / 65536, so only p = 0 or 1 <= t <= 65535,
+    i.e. 0.5/65536 < p < 65535.5/65536 (7.6294e-6 to 0.99999237), is represented: a smaller p would silently
+    mean no dropout, a larger one would drop everything (scale 1/0).  Any
+    other p is a ValueError naming that range.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not math.isfinite(p):
+        raise ValueError(f"dropout must be a finite number, got {p!r}")
+    t = round(p * DROPOUT_BITS)
+    if p != 0 and not 1 <= t < DROPOUT_BITS:
+        why = ("" if not 0 < p < 1 else ": masks are 16-bit (an entry drops when its bits < round(p * 65536)), "
+               "so this p would mean " + ("no dropout" if t < 1 else "dropping everything"))
+        raise ValueError(f"dropout must be 0 or in (7.6294e-06, 0.99999237), i.e. 0.5/65536 < p < 65535.5/65536, "
+                         f"got {p!r}{why}")
+    return t
+
+
 def keep_prob(p):
     """The probability dropout_mask keeps an entry: 1 - round(p * 65536) / 65536.
 
@@ -177,7 +199,7 @@ def keep_prob(p):
     0.100006 for p = 0.1, keep probability 0.899994.  Dropout divides by this
     number, not by 1 - p, so that E[x * mask / keep_prob(p)] = x holds exactly.
     """
-    return 1.0 - round(p * 65536) / 65536
+    return 1.0 - dropout_threshold(p) / DROPOUT_BITS
 
 
 def dropout_mask(shape, p, rng):
@@ -192,7 +214,7 @@ def dropout_mask(shape, p, rng):
     """
     n = math.prod(shape)
     bits = rng.integers(0, 2 ** 64, size=-(-n // 4), dtype=np.uint64).view(np.uint16)
-    return bits[:n].reshape(shape) >= round(p * 65536)
+    return bits[:n].reshape(shape) >= dropout_threshold(p)
 
 
 def dropout_forward(x, p, rng):

@@ -35,6 +35,7 @@ from .alloc import reuse_freed_memory
 from .cli import EXIT_USAGE, OneLineParser
 from .data import DataError, data_fingerprint, fixed_windows, read_text, sample_batch, split_text
 from .dataset import BOT, END, USER
+from .reference import dropout_threshold
 from .model import Config, TinyLLM
 from .optim import AdamW, clip_grad_norm, lr_at
 from .parallel import DataParallel, micro_batches
@@ -120,7 +121,6 @@ def validate_args(args):
         (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
         (args.clip >= 0, f"--clip must be >= 0, got {args.clip}"),
-        (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
         (args.workers >= 1, f"--workers must be positive, got {args.workers}"),
         (args.micro_batch >= 1, f"--micro-batch must be positive, got {args.micro_batch}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
@@ -132,6 +132,10 @@ def validate_args(args):
     for ok, msg in checks:
         if not ok:
             raise TrainError(msg)
+    try:
+        dropout_threshold(args.dropout)  # the 16-bit masks' range, as Config checks it
+    except ValueError as e:
+        raise TrainError(f"--{e}") from None
     for name in ("d_model", "n_layers", "n_heads", "d_ff"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be positive")
@@ -314,8 +318,7 @@ def train(args):
         tok = CharTokenizer(chars)
         model = TinyLLM(config, seed=args.seed, dtype=next(iter(params.values())).dtype, chars=chars,
                         engine=args.engine)
-        for k, v in params.items():
-            model.params[k][...] = v
+        model.load_state_dict(params)
         hp = state["hparams"]
         if "micro_batch" not in hp:
             # an older checkpoint, whose batch was split into one micro-batch per worker: the nearest
