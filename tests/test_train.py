@@ -63,14 +63,20 @@ def test_resume_is_bitwise_identical(tmp_path, text_file):
     assert la == lb and len(la) == 30
 
 
-def test_resume_keeps_the_checkpoints_micro_batch_and_batch_size(tmp_path, text_file):
-    """--micro-batch changes the dropout masks, so a resumed run must keep the checkpoint's value."""
+def test_resume_refuses_another_micro_batch_or_batch_size(tmp_path, text_file, capsys):
+    """--micro-batch changes the dropout masks, --batch-size the steps: on --resume they must be the checkpoint's."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert T.main(run_args(a, text_file, "--max-steps", "20", "--micro-batch", "2")) == 0
     assert T.main(run_args(b, text_file, "--max-steps", "8", "--micro-batch", "2")) == 0
-    # the command line also asks for another batch size and micro-batch: the checkpoint's recipe wins
-    assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume", "--micro-batch", "1",
-                           "--batch-size", "2")) == 0
+    capsys.readouterr()
+    for flags, message in ((["--micro-batch", "1"], "--micro-batch 1 differs from the checkpoint's 2"),
+                           (["--batch-size", "2"], "--batch-size 2 differs from the checkpoint's 4")):
+        assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume", *flags)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("train: error: --resume: " + message) and err.count("\n") == 1
+    # the same values given again are what runs; omitted, the checkpoint's run too
+    assert T.main(run_args(b, text_file, "--max-steps", "14", "--resume", "--micro-batch", "2")) == 0
+    assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume")) == 0
     assert np.array_equal(load_model(a / "w.npz").flat, load_model(b / "w.npz").flat)
     # and the two settings really differ, or this test would prove nothing
     c = tmp_path / "c"
@@ -131,7 +137,7 @@ def test_a_signal_saves_a_checkpoint_even_when_the_workers_get_it_too(tmp_path, 
         proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
-    assert proc.returncode == (0 if signum == signal.SIGTERM else 130), err
+    assert proc.returncode == (143 if signum == signal.SIGTERM else 130), err
     assert f"{name} at step" in err and "Traceback" not in err, err
     load_model(tmp_path / "ck.npz")  # a valid checkpoint
 

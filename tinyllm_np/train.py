@@ -12,12 +12,37 @@ text; the first T characters are the input and the last T (shifted by one) the
 targets.  An epoch is as many steps as it takes to see as many target characters
 as the training text holds: len(train) // (B * T) steps.
 
-Checkpoints (parameters, AdamW moments, both random generators, the step) are
-written atomically; resuming continues bit for bit as if never interrupted.
-Ctrl-C (SIGINT) or SIGTERM finish the current step, save a checkpoint and exit
-(130 for SIGINT, 0 for SIGTERM).
+Length: --epochs E alone runs ceil(E x steps/epoch) steps and the lr schedule
+spans them (E = 8 when neither flag is given); --max-steps N alone runs N
+steps and the schedule spans N; with both, the schedule spans the E epochs and
+the run stops after N steps in total.
+
+Checkpoints (parameters, AdamW moments, both random generators, the step, the
+recipe) are written atomically; resuming continues bit for bit as if never
+interrupted, whatever --workers the resumed run uses (parallel.py adds the
+micro-batches' gradients in one fixed order).  On --resume the checkpoint's
+recipe runs, and flags given on the command line are never silently ignored:
+  applied:  --lr --min-lr --schedule --warmup --weight-decay --beta1 --beta2
+            --clip, and the length: --max-steps N (the total; the checkpoint's
+            --epochs, if it had one, keeps setting the schedule) or --epochs E
+            (E epochs in total; the checkpoint's --max-steps is dropped unless
+            given again); so a finished run can be extended;
+  refused (one line, exit 2) if they differ from the checkpoint's: the model's
+            shape (--d-model --n-layers --n-heads --d-ff --context
+            --norm-first --activation --dropout) and what the steps see
+            (--batch-size --micro-batch --seed --val-frac);
+  the rest (--workers, --worker-timeout, outputs, logging, evaluation) are
+            this run's choice.
+
+Exit codes: 0 done; 1 a non-finite loss/gradient/parameter (nothing more is
+saved) or a worker process that died or stopped answering (the parameters of
+the last completed step are saved first; --resume continues bitwise); 2 bad
+input; 130 Ctrl-C (SIGINT) and 143 SIGTERM, each after finishing the current
+step and saving a checkpoint (a stuck worker is given --worker-timeout or at
+most 5 s, then the step is dropped and the last completed one saved).
 """
 
+import argparse
 import csv
 import io
 import json
@@ -38,7 +63,7 @@ from .dataset import BOT, END, USER
 from .reference import dropout_threshold
 from .model import Config, TinyLLM
 from .optim import AdamW, clip_grad_norm, lr_at
-from .parallel import DataParallel, micro_batches
+from .parallel import DataParallel, Interrupted, WorkerError, micro_batches
 from .tokenizer import CharTokenizer
 from .weights import CHECKPOINT_KEYS, WeightsError, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
@@ -62,8 +87,12 @@ def build_parser():
     a("--log", default="runs/train_log.csv", help="CSV log of the losses (default: %(default)s)")
     a("--plot", default="runs/loss.png", help="loss-curve PNG, written if matplotlib is installed ('' for none)")
     g = ap.add_argument_group("recipe (defaults: the original TinyLLM)")
-    g.add_argument("--epochs", type=float, default=8)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="passes over the training text, which the lr schedule spans (default: 8, or "
+                        "--max-steps when that alone is given)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="the run's length in steps, in total (with --epochs too, the schedule still spans the "
+                        "epochs); on --resume, more than the checkpoint's step extends a finished run")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--context", type=int, default=128)
     g.add_argument("--lr", type=float, default=3e-3)
@@ -82,8 +111,11 @@ def build_parser():
                         "(default: %(default)s)")
     g.add_argument("--workers", type=int, default=2,
                    help="worker processes running the micro-batches at once, one core each (no more are started "
-                        "than a batch has micro-batches); the results do not depend on it beyond float rounding "
+                        "than a batch has micro-batches); the results do not depend on it, bit for bit "
                         "(1: all in this process) (default: %(default)s)")
+    g.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a worker silent this long counts as stuck: the last completed step is saved and the run "
+                        "exits 1 (default: 120 s or 30 x the slowest step so far, whichever is longer)")
     m = ap.add_argument_group("model shape (defaults: the original TinyLLM)")
     m.add_argument("--d-model", type=int, default=128)
     m.add_argument("--n-layers", type=int, default=3)
@@ -103,18 +135,47 @@ def build_parser():
     return ap
 
 
-FLOAT_FLAGS = ("epochs", "lr", "min_lr", "weight_decay", "beta1", "beta2", "clip", "dropout", "val_frac")
+FLOAT_FLAGS = ("epochs", "worker_timeout", "lr", "min_lr", "weight_decay", "beta1", "beta2", "clip", "dropout",
+               "val_frac")
+
+# On --resume: flags that must match the checkpoint, the model's shape (its Config) and what the steps see
+# (its recorded recipe); other recipe flags given on the command line replace the checkpoint's.
+SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "context", "norm_first", "activation", "dropout")
+DATA_FLAGS = ("batch_size", "micro_batch", "seed", "val_frac")
+
+
+def given_flags(argv):
+    """Names (dests) of the options on the command line ``argv``, whether or not they equal their default."""
+    probe = build_parser()
+    for action in probe._actions:  # (not set_defaults, which would put the marker itself in the namespace)
+        action.default = argparse.SUPPRESS  # argparse leaves an option with this default out unless given
+    return set(vars(probe.parse_args(argv)))
+
+
+def resume_recipe(args, config, hp, given):
+    """Set args to the checkpoint's recipe ``hp``, except the flags in ``given``; TrainError for a refused one."""
+    for name in SHAPE_FLAGS + DATA_FLAGS:
+        theirs = getattr(config, name) if name in SHAPE_FLAGS else hp.get(name)
+        if name in given and getattr(args, name) != theirs:
+            flag = "--" + name.replace("_", "-")
+            raise TrainError(f"--resume: {flag} {getattr(args, name)} differs from the checkpoint's {theirs}: "
+                             f"it cannot change in the middle of a run (drop it, or start a new run)")
+    for k, v in hp.items():
+        if k not in given:
+            setattr(args, k, v)
+    if "epochs" in given and "max_steps" not in given:  # E epochs in total
+        args.max_steps = None
 
 
 def validate_args(args):
     for name in FLOAT_FLAGS:
         value = getattr(args, name)
-        if not math.isfinite(value):
+        if value is not None and not math.isfinite(value):
             raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     checks = [
         (args.lr > 0, f"--lr must be a positive number, got {args.lr}"),
         (0 <= args.min_lr <= args.lr, f"--min-lr must be between 0 and --lr ({args.lr}), got {args.min_lr}"),
-        (args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
+        (args.epochs is None or args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
         (args.max_steps is None or args.max_steps > 0, f"--max-steps must be positive, got {args.max_steps}"),
         (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
         (args.context > 1, f"--context must be at least 2, got {args.context}"),
@@ -128,6 +189,8 @@ def validate_args(args):
         (args.ckpt_every > 0, f"--ckpt-every must be positive, got {args.ckpt_every}"),
         (args.eval_every >= 0 and args.eval_batches > 0, "--eval-every must be >= 0 and --eval-batches > 0"),
         (args.log_every > 0, f"--log-every must be positive, got {args.log_every}"),
+        (args.worker_timeout is None or args.worker_timeout > 0,
+         f"--worker-timeout must be a positive number of seconds, got {args.worker_timeout}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -212,9 +275,13 @@ class Progress:
 
     def note(self, msg):
         if not self.quiet:
-            if self.tty:
-                sys.stderr.write("\n")
-            print(msg, file=sys.stderr, flush=True)
+            self.error(msg)
+
+    def error(self, msg):
+        """A line printed even with --quiet (below a progress line left on a terminal)."""
+        if self.tty and not self.quiet:
+            sys.stderr.write("\n")
+        print(msg, file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------- log
@@ -285,6 +352,13 @@ def blown_up(what, step, checkpoint):
     return 1
 
 
+def stopped(progress, signum, step, checkpoint, why=""):
+    """Report a stop by signal after its checkpoint; exit code 130 for SIGINT, 143 (128 + 15) for SIGTERM."""
+    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+    progress.note(f"train: {name} at step {step}: {why}checkpoint saved to {checkpoint}; continue with --resume")
+    return 130 if signum == signal.SIGINT else 128 + signal.SIGTERM
+
+
 class StopRequest:
     """Set by SIGINT/SIGTERM; the loop stops at the next step boundary."""
 
@@ -299,6 +373,10 @@ class StopRequest:
 
 def train(args):
     validate_args(args)
+    given = getattr(args, "given", None)  # main() records which flags the command line gave
+    if given is None:  # called with a Namespace of its own: the flags that differ from the defaults
+        defaults = vars(build_parser().parse_args([]))
+        given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
     outputs = [(args.out, "--out"), (args.checkpoint, "--checkpoint"), (args.log, "--log")]
     if args.plot:
         outputs.append((args.plot, "--plot"))
@@ -326,8 +404,7 @@ def train(args):
             # differ anyway, since attention has changed how it draws them since)
             hp["micro_batch"] = math.ceil(hp["batch_size"] / hp.get("workers", 1))
         hp.pop("workers", None)  # the workers do not change the numbers: the command line's count runs
-        for k, v in hp.items():  # the recipe is the checkpoint's, whatever the command line says
-            setattr(args, k, v)
+        resume_recipe(args, config, hp, given)
     else:
         tok = CharTokenizer.from_text(text)
         config = Config(vocab_size=len(tok), d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
@@ -345,9 +422,11 @@ def train(args):
                          f"{len(train_text)}; use a smaller --batch-size or --context")
     train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
     steps_per_epoch = max(1, len(train_ids) // (B * T))
-    total = int(math.ceil(args.epochs * steps_per_epoch))
-    if args.max_steps is not None:
-        total = min(total, args.max_steps)
+    if args.epochs is None and args.max_steps is None:
+        args.epochs = 8.0
+    # the lr schedule spans the epochs if set, else --max-steps; the run is --max-steps long if set
+    schedule_len = int(math.ceil(args.epochs * steps_per_epoch)) if args.epochs is not None else args.max_steps
+    total = args.max_steps if args.max_steps is not None else schedule_len
     eval_every = args.eval_every or steps_per_epoch
 
     opt = AdamW(model.params, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
@@ -358,9 +437,12 @@ def train(args):
         data_rng.bit_generator.state = state["data_rng"]
         model.rng.bit_generator.state = state["dropout_rng"]
         step = state["step"]
+        if total < step:
+            raise TrainError(f"--resume: the checkpoint is at step {step}, past the {total} steps asked for; "
+                             f"give a larger --max-steps or --epochs")
     hparams = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "schedule", "warmup",
                                              "weight_decay", "beta1", "beta2", "clip", "seed", "val_frac",
-                                             "micro_batch")}
+                                             "micro_batch", "max_steps")}
     train_eval = fixed_windows(train_ids, B, T, args.eval_batches, seed=args.seed + 101)
     val_eval = fixed_windows(val_ids, B, T, args.eval_batches, seed=args.seed + 202)
 
@@ -379,15 +461,18 @@ def train(args):
     old_handlers, dp = {}, None
     t_start = time.perf_counter()
     recent = []
+    before = row = None  # the state before the step under way (until it is applied); its log row (until written)
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
             old_handlers[s] = signal.signal(s, stop)
-        dp = DataParallel(model, workers, args.micro_batch)
+        dp = DataParallel(model, workers, args.micro_batch, batch_size=B, timeout=args.worker_timeout,
+                          stop=lambda: stop.signum is not None)
         while step < total:
             if stop.signum is not None:
                 break
             t0 = time.perf_counter()
-            opt.lr = lr_at(step, args.lr, total, args.warmup, args.schedule, args.min_lr)
+            before = checkpoint_state()
+            opt.lr = lr_at(step, args.lr, schedule_len, args.warmup, args.schedule, args.min_lr)
             x, y = sample_batch(train_ids, B, T, data_rng)
             with np.errstate(over="ignore", invalid="ignore"):  # a blow-up is caught just below
                 loss, grads = dp.loss_and_grads(x, y, train=True)
@@ -399,6 +484,7 @@ def train(args):
             if not np.isfinite(model.flat).all():  # e.g. a huge lr: never checkpoint or save these
                 return blown_up("parameters after the update", step + 1, args.checkpoint)
             step += 1
+            before = None
             dt = time.perf_counter() - t0
             recent = (recent + [dt])[-20:]
             tps = B * T * len(recent) / sum(recent)
@@ -412,17 +498,28 @@ def train(args):
                 extra = f" | eval train {tr:.4f} | val {va:.4f}"
             log_w.writerow(row)
             log_f.flush()
+            row = None
             progress.update(step, loss, tps, extra)
             if step % args.ckpt_every == 0 or step == total:
                 save_checkpoint(args.checkpoint, model, opt, checkpoint_state())
         if stop.signum is not None:
             save_checkpoint(args.checkpoint, model, opt, checkpoint_state())
-            name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
-            progress.note(f"train: {name} at step {step}: checkpoint saved to {args.checkpoint}; "
-                          f"continue with --resume")
-            return 130 if stop.signum == signal.SIGINT else 0
+            return stopped(progress, stop.signum, step, args.checkpoint)
         model.save(args.out)
         progress.note(f"saved {args.out} after {step} steps ({time.perf_counter() - t_start:.0f} s this run)")
+    except (WorkerError, Interrupted) as e:
+        # The parameters here are those of the last completed step: a failed step never reached opt.step
+        # (``before`` holds the random generators as they were before it drew its batch and masks).  A
+        # failure in the evaluation after a step leaves that step complete; its row is logged without it.
+        if row is not None:
+            log_w.writerow(row)
+        save_checkpoint(args.checkpoint, model, opt, before or checkpoint_state())
+        if isinstance(e, Interrupted):
+            return stopped(progress, stop.signum, step, args.checkpoint, f"{e}; ")
+        during = f"during step {step + 1}" if before else f"during the evaluation after step {step}"
+        progress.error(f"train: error: {e} {during}; saved step {step} to {args.checkpoint}; "
+                       f"continue with --resume")
+        return 1
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -440,6 +537,7 @@ def main(argv=None):
     args, code = build_parser().parse_or_code(argv)
     if args is None:
         return code
+    args.given = given_flags(sys.argv[1:] if argv is None else argv)
     try:
         return train(args)
     except (TrainError, DataError) as e:
