@@ -21,7 +21,10 @@ TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "32", 
 @pytest.fixture
 def text_file(tmp_path):
     p = tmp_path / "text.txt"
-    p.write_text("<|user|>hi<|bot|>hello there<|end|>\n<|user|>bye<|bot|>see you<|end|>\n" * 40, encoding="utf-8")
+    # eight questions, two answers: a held-out question (data.py's split) has an answer seen in training
+    qa = [(q, "hello there") for q in ("hi", "hey", "hello", "hi there")] + \
+         [(q, "see you") for q in ("bye", "goodbye", "see ya", "bye now")]
+    p.write_text("".join(f"<|user|>{q}<|bot|>{a}<|end|>\n" for q, a in qa) * 10, encoding="utf-8")
     return p
 
 
@@ -322,6 +325,6 @@ def test_default_out_leaves_the_shipped_weights_alone(tmp_path, text_file, monke
     assert err.splitlines()[-1] == "train: chat with it: python chat.py --weights runs/tinyllm.npz"
     # text without the chat markers: a model that cannot chat gets no such hint
     plain = tmp_path / "plain.txt"
-    plain.write_text("abcdefgh\n" * 100, encoding="utf-8")
+    plain.write_text("".join(f"line {i}: abcdefgh\n" for i in range(100)), encoding="utf-8")
     assert T.main(["--data", str(plain), *loud, "--max-steps", "2", "--out", "w b.npz"]) == 0
     assert (tmp_path / "w b.npz").exists() and "chat.py" not in capsys.readouterr().err

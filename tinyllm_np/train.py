@@ -33,7 +33,7 @@ import numpy as np
 
 from .alloc import reuse_freed_memory
 from .cli import EXIT_USAGE, OneLineParser
-from .data import DataError, data_fingerprint, fixed_windows, read_text, sample_batch, split_text
+from .data import DataError, file_sha256, fixed_windows, open_corpus, sample_batch
 from .dataset import BOT, END, USER
 from .model import Config, TinyLLM
 from .optim import AdamW, clip_grad_norm, lr_at
@@ -147,6 +147,12 @@ def check_writable(path, what):
         raise TrainError(f"{what} {path}: cannot write there ({e.strerror})") from None
     if os.path.isdir(path):
         raise TrainError(f"{what} {path}: is a directory")
+
+
+def ids_path(checkpoint):
+    """A run's token-ids file (data.py): beside its checkpoint, named as it is but ending in .ids."""
+    root, ext = os.path.splitext(checkpoint)
+    return (root if ext == ".npz" else checkpoint) + ".ids"
 
 
 def evaluate(dp, windows):
@@ -298,9 +304,7 @@ def train(args):
     for path, what in outputs:
         check_writable(path, what)
     reuse_freed_memory()  # about a quarter faster per step on glibc; see alloc.py
-    text = read_text(args.data)
-    train_text, val_text = split_text(text, args.val_frac)
-    fingerprint = data_fingerprint(text)
+    fingerprint = file_sha256(args.data)
 
     if args.resume:
         if not os.path.exists(args.checkpoint):
@@ -308,7 +312,6 @@ def train(args):
         config, params, chars, opt_m, opt_v, state = load_checkpoint(args.checkpoint)
         if state.get("data_sha256") != fingerprint:
             raise TrainError(f"cannot resume: {args.checkpoint} was trained on different data than {args.data}")
-        tok = CharTokenizer(chars)
         model = TinyLLM(config, seed=args.seed, dtype=next(iter(params.values())).dtype, chars=chars)
         for k, v in params.items():
             model.params[k][...] = v
@@ -322,21 +325,29 @@ def train(args):
         for k, v in hp.items():  # the recipe is the checkpoint's, whatever the command line says
             setattr(args, k, v)
     else:
-        tok = CharTokenizer.from_text(text)
+        chars = None  # the text's own characters
+    # the text's token ids, split into a training and a held-out part (see data.py), kept in a file
+    # beside the checkpoint and memory-mapped: built on the first run, checked and reused after
+    corpus = open_corpus(args.data, ids_path(args.checkpoint), args.val_frac, chars, fingerprint)
+    tok = CharTokenizer(corpus.chars)
+    train_ids, val_ids = corpus.train, corpus.val
+    if not args.resume:
         config = Config(vocab_size=len(tok), d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                         d_ff=args.d_ff, context=args.context, dropout=args.dropout, norm_first=args.norm_first,
                         activation=args.activation)
         model = TinyLLM(config, seed=args.seed, chars=tok.chars)
         state = None
     T, B = config.context, args.batch_size  # on --resume, the checkpoint's
-    for name, part in (("training", train_text), ("validation", val_text)):
-        if len(part) < T + 2:
-            raise TrainError(f"{args.data}: the {name} part has {len(part)} characters, fewer than "
-                             f"--context {T} + 2; use a longer text, a smaller --context or another --val-frac")
-    if B * (T + 1) > len(train_text):
+    too_short = ("{data}: the {name} part has {n} characters, fewer than --context {T} + 2; use a longer text, "
+                 "a smaller --context or another --val-frac")
+    if len(train_ids) < T + 2:
+        raise TrainError(too_short.format(data=args.data, name="training", n=len(train_ids), T=T))
+    if B * (T + 1) > len(train_ids):
         raise TrainError(f"{args.data}: one batch needs {B} x {T + 1} characters but the training part has only "
-                         f"{len(train_text)}; use a smaller --batch-size or --context")
-    train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
+                         f"{len(train_ids)}; use a smaller --batch-size or --context")
+    if len(val_ids) < T + 2:
+        raise TrainError(too_short.format(data=args.data, name="held-out validation", n=len(val_ids), T=T)
+                         + f" ({corpus.split})")
     steps_per_epoch = max(1, len(train_ids) // (B * T))
     total = int(math.ceil(args.epochs * steps_per_epoch))
     if args.max_steps is not None:
@@ -364,8 +375,11 @@ def train(args):
     workers = min(args.workers, len(micro_batches(B, args.micro_batch)))  # none that would never get work
     log_f, log_w = open_log(args.log, step if args.resume else None)
     progress = Progress(total, args.quiet, args.log_every)
+    if corpus.rebuilt:
+        progress.note(f"token ids of {args.data} written to {corpus.path}"
+                      + ("" if corpus.rebuilt == "missing" else f" (rebuilt: the old file was {corpus.rebuilt})"))
     progress.note(f"training {model.n_params:,} parameters on {len(train_ids):,} characters "
-                  f"({len(val_ids):,} held out), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
+                  f"({len(val_ids):,} held out: {corpus.split}), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
                   f"{total} steps, micro-batches of {args.micro_batch} on {workers} worker(s)"
                   + (f", resuming at step {step}" if step else ""))
     stop = StopRequest()
