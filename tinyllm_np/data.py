@@ -39,7 +39,7 @@ from .dataset import BOT, END, USER
 from .fileio import atomic_write
 from .tokenizer import CharTokenizer
 
-CHUNK = 1 << 23  # bytes read, decoded and encoded at a time
+CHUNK = 1 << 22  # bytes read, decoded and encoded at a time
 SPLIT_RULE = "held-out-1"  # names the rule above; a change of rule rebuilds every ids file
 SPLIT_SEED = 15  # which chat questions are held out; fixed, so runs of any --seed share one validation set
 KEPT_QUESTIONS = ("Hello!", "What is AI?", "Tell me a joke")

@@ -26,8 +26,10 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(chars)}
         self.dtype = id_dtype(len(chars))
         cps = np.array([ord(c) for c in chars])
-        self._lut = np.full(cps.max() + 1, -1, np.int32)  # code point -> id; -1: not in the vocabulary
+        self._lut = np.zeros(cps.max() + 1, self.dtype)  # code point -> id
         self._lut[cps] = np.arange(len(chars))
+        self._known = np.zeros(cps.max() + 1, bool)  # code point -> in the vocabulary?
+        self._known[cps] = True
 
     @classmethod
     def from_text(cls, text):
@@ -63,18 +65,14 @@ class CharTokenizer:
             cp = np.frombuffer(data, np.uint8)
         else:
             cp = np.frombuffer(data.decode("utf-8").encode("utf-32-le"), "<u4")
-        return self._ids(cp).astype(self.dtype, copy=False)
+        return self._ids(cp)
 
     def _ids(self, cp):
-        """Ids of an array of code points (the table's type, int32)."""
-        if not cp.size:
-            return self._lut[:0]
-        if int(cp.max()) < len(self._lut):
-            ids = self._lut[cp]
-            if int(ids.min()) >= 0:
-                return ids
-        bad = sorted({chr(c) for c in np.unique(cp).tolist()} - self.stoi.keys())
-        raise ValueError(f"characters not in the vocabulary: {''.join(bad)!r}")
+        """Ids (``self.dtype``) of an array of code points; ValueError naming unknown characters."""
+        if cp.size and not (int(cp.max()) < len(self._lut) and self._known[cp].all()):
+            bad = sorted({chr(c) for c in np.unique(cp).tolist()} - self.stoi.keys())
+            raise ValueError(f"characters not in the vocabulary: {''.join(bad)!r}")
+        return self._lut[cp]
 
     def decode(self, ids):
         return "".join(self.chars[int(i)] for i in ids)
