@@ -299,7 +299,8 @@ def _check(path, head, sha256, val_frac, chars):
             return "the text changed"
         if head["split"] != SPLIT_RULE or head["val_frac"] != val_frac:
             return "another split"
-        if (chars is not None and head["chars"] != chars) or dtype != CharTokenizer(head["chars"]).dtype:
+        if head["chars"] != (head["text_chars"] if chars is None else chars) or \
+                dtype != CharTokenizer(head["chars"]).dtype:
             return "another vocabulary"
         if os.path.getsize(path) != n + (n_train + n_val) * dtype.itemsize:
             return "damaged (wrong length)"
@@ -343,7 +344,7 @@ def open_corpus(text_path, ids_path, val_frac, chars=None, sha256=None):
         tok = CharTokenizer(chars)
         head = {"sha256": sha256, "size": size, "mtime_ns": os.fstat(f.fileno()).st_mtime_ns,
                 "source": os.path.abspath(text_path), "split": SPLIT_RULE, "val_frac": val_frac,
-                "chars": chars, "dtype": tok.dtype.name, "n_train": 0, "n_val": 0, "desc": "",
+                "chars": chars, "text_chars": scan.chars, "dtype": tok.dtype.name, "n_train": 0, "n_val": 0, "desc": "",
                 "ids_sha256": "0" * 64}
         # the header's size, fixed before the ids are written: room for the counts' digits
         n = len(_header_bytes(head, 0)) + 64

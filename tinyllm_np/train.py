@@ -201,7 +201,7 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         rate = (step - self.done0) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else 0.0
-        line = (f"step {step}/{self.total} | loss {loss:.4f} | {tok_per_s:,.0f} tok/s | "
+        line = (f"step {step}/{self.total} | loss {loss:.4f} ({bpc(loss):.3f} bpc) | {tok_per_s:,.0f} tok/s | "
                 f"ETA {int(eta // 60)}:{int(eta % 60):02d}{extra}")
         if self.tty:
             sys.stderr.write("\r" + line.ljust(90))
@@ -218,7 +218,13 @@ class Progress:
 
 # -------------------------------------------------------------------- log
 
-LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "grad_norm", "eval_train_loss", "val_loss", "tok_per_s", "elapsed_s"]
+LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "grad_norm", "eval_train_loss", "val_loss", "tok_per_s", "elapsed_s",
+              "train_bpc", "eval_train_bpc", "val_bpc"]  # the losses in nats/char, then in bits/char
+
+
+def bpc(nats):
+    """Bits per character, the character-level convention: a loss in nats per character / ln 2."""
+    return nats / math.log(2)
 
 
 def open_log(path, resume_step):
@@ -385,7 +391,7 @@ def train(args):
     stop = StopRequest()
     old_handlers, dp = {}, None
     t_start = time.perf_counter()
-    recent = []
+    recent, last_eval = [], None
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
             old_handlers[s] = signal.signal(s, stop)
@@ -411,12 +417,15 @@ def train(args):
             tps = B * T * len(recent) / sum(recent)
             row = {"step": step, "epoch": f"{step / steps_per_epoch:.3f}", "lr": f"{opt.lr:.6g}",
                    "train_loss": f"{loss:.6f}", "grad_norm": f"{gnorm:.4f}", "eval_train_loss": "",
-                   "val_loss": "", "tok_per_s": f"{tps:.0f}", "elapsed_s": f"{time.perf_counter() - t_start:.1f}"}
+                   "val_loss": "", "tok_per_s": f"{tps:.0f}", "elapsed_s": f"{time.perf_counter() - t_start:.1f}",
+                   "train_bpc": f"{bpc(loss):.6f}", "eval_train_bpc": "", "val_bpc": ""}
             extra = ""
             if step % eval_every == 0 or step == total:
                 tr, va = evaluate(dp, train_eval), evaluate(dp, val_eval)
                 row["eval_train_loss"], row["val_loss"] = f"{tr:.6f}", f"{va:.6f}"
-                extra = f" | eval train {tr:.4f} | val {va:.4f}"
+                row["eval_train_bpc"], row["val_bpc"] = f"{bpc(tr):.6f}", f"{bpc(va):.6f}"
+                extra = f" | eval train {tr:.4f} ({bpc(tr):.3f} bpc) | val {va:.4f} ({bpc(va):.3f} bpc)"
+                last_eval = tr, va
             log_w.writerow(row)
             log_f.flush()
             progress.update(step, loss, tps, extra)
@@ -429,6 +438,10 @@ def train(args):
                           f"continue with --resume")
             return 130 if stop.signum == signal.SIGINT else 0
         model.save(args.out)
+        if last_eval is not None:
+            tr, va = last_eval
+            progress.note(f"final: held-out validation loss {va:.4f} nats/char = {bpc(va):.3f} bpc; training "
+                          f"windows (memorised, eval mode) {tr:.4f} = {bpc(tr):.3f} bpc")
         progress.note(f"saved {args.out} after {step} steps ({time.perf_counter() - t_start:.0f} s this run)")
     finally:
         for s, h in old_handlers.items():
