@@ -53,6 +53,7 @@ def test_chat_text_with_one_question_is_split_as_plain_text():
     DIALOGUE[:20_000],
     "héllo wörld ✓ 東京\nline two\n" * 300 + "x" * 5000 + "\nend ✓ ü",  # a line longer than a piece
     "".join(f"<|user|>q{i % 40}é?<|bot|>answer {i % 7}<|end|>\n" for i in range(500)),
+    "".join(f"line {i % 450} ✓\n" for i in range(500)) + "no final line break",  # validation in many pieces
 ])
 def test_small_pieces_give_the_same_split_and_ids(tmp_path, monkeypatch, text):
     src = tmp_path / "t.txt"

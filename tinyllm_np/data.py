@@ -239,8 +239,15 @@ def _write_split(f, size, scan, val_frac, write_train, write_val):
     for off, piece in _pieces(f, 0, cut):
         seen |= wanted.intersection(piece.split(b"\n"))
         write_train(piece)
-    kept = [line for line in tail if line not in seen]
-    write_val(b"\n".join(kept))
+    batch, n = [], 0  # the kept lines, written CHUNK bytes at a time (joined as b"\n".join(all kept))
+    for line in tail:
+        if line not in seen:
+            batch.append(line)
+            n += len(line) + 1
+            if n >= CHUNK:
+                write_val(b"\n".join(batch) + b"\n")
+                batch, n = [], 0
+    write_val(b"\n".join(batch))
     return f"{len(seen)} of {len(wanted)} distinct validation lines dropped as they occur in training"
 
 

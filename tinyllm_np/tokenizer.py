@@ -59,7 +59,8 @@ class CharTokenizer:
 
         A table indexed by code point maps characters to ids: ASCII bytes index it
         directly, other text through its code points (np.frombuffer of its UTF-32
-        form).  Measured on 100 MB: 0.3 s ASCII; a Python loop over the characters took 14 s.
+        form).  Measured on 20 MB of ASCII text in 4 MB pieces: 0.09 s, against 1.6 s for a Python loop
+        over the characters (int64), on the 2-core EPYC while it was busy with other work.
         """
         if data.isascii():
             cp = np.frombuffer(data, np.uint8)
