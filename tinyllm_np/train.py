@@ -58,7 +58,7 @@ import numpy as np
 
 from .alloc import reuse_freed_memory
 from .cli import EXIT_USAGE, OneLineParser
-from .data import DataError, data_fingerprint, fixed_windows, read_text, sample_batch, split_text
+from .data import DataError, file_sha256, fixed_windows, open_corpus, sample_batch
 from .dataset import BOT, END, USER
 from .reference import dropout_threshold
 from .model import Config, TinyLLM
@@ -219,6 +219,12 @@ def check_writable(path, what):
         raise TrainError(f"{what} {path}: is a directory")
 
 
+def ids_path(checkpoint):
+    """A run's token-ids file (data.py): beside its checkpoint, named as it is but ending in .ids."""
+    root, ext = os.path.splitext(checkpoint)
+    return (root if ext == ".npz" else checkpoint) + ".ids"
+
+
 def evaluate(dp, windows):
     """Mean evaluation-mode loss over fixed batches (dp: a parallel.DataParallel)."""
     return float(np.mean([dp.loss(x, y) for x, y in windows]))
@@ -265,7 +271,7 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         rate = (step - self.done0) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else 0.0
-        line = (f"step {step}/{self.total} | loss {loss:.4f} | {tok_per_s:,.0f} tok/s | "
+        line = (f"step {step}/{self.total} | loss {loss:.4f} ({bpc(loss):.3f} bpc) | {tok_per_s:,.0f} tok/s | "
                 f"ETA {int(eta // 60)}:{int(eta % 60):02d}{extra}")
         if self.tty:
             sys.stderr.write("\r" + line.ljust(90))
@@ -286,7 +292,13 @@ class Progress:
 
 # -------------------------------------------------------------------- log
 
-LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "grad_norm", "eval_train_loss", "val_loss", "tok_per_s", "elapsed_s"]
+LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "grad_norm", "eval_train_loss", "val_loss", "tok_per_s", "elapsed_s",
+              "train_bpc", "eval_train_bpc", "val_bpc"]  # the losses in nats/char, then in bits/char
+
+
+def bpc(nats):
+    """Bits per character, the character-level convention: a loss in nats per character / ln 2."""
+    return nats / math.log(2)
 
 
 def open_log(path, resume_step):
@@ -383,9 +395,7 @@ def train(args):
     for path, what in outputs:
         check_writable(path, what)
     reuse_freed_memory()  # about a quarter faster per step on glibc; see alloc.py
-    text = read_text(args.data)
-    train_text, val_text = split_text(text, args.val_frac)
-    fingerprint = data_fingerprint(text)
+    fingerprint = file_sha256(args.data)
 
     if args.resume:
         if not os.path.exists(args.checkpoint):
@@ -393,7 +403,6 @@ def train(args):
         config, params, chars, opt_m, opt_v, state = load_checkpoint(args.checkpoint)
         if state.get("data_sha256") != fingerprint:
             raise TrainError(f"cannot resume: {args.checkpoint} was trained on different data than {args.data}")
-        tok = CharTokenizer(chars)
         model = TinyLLM(config, seed=args.seed, dtype=next(iter(params.values())).dtype, chars=chars,
                         engine=args.engine)
         model.load_state_dict(params)
@@ -406,21 +415,29 @@ def train(args):
         hp.pop("workers", None)  # the workers do not change the numbers: the command line's count runs
         resume_recipe(args, config, hp, given)
     else:
-        tok = CharTokenizer.from_text(text)
+        chars = None  # the text's own characters
+    # the text's token ids, split into a training and a held-out part (see data.py), kept in a file
+    # beside the checkpoint and memory-mapped: built on the first run, checked and reused after
+    corpus = open_corpus(args.data, ids_path(args.checkpoint), args.val_frac, chars, fingerprint)
+    tok = CharTokenizer(corpus.chars)
+    train_ids, val_ids = corpus.train, corpus.val
+    if not args.resume:
         config = Config(vocab_size=len(tok), d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                         d_ff=args.d_ff, context=args.context, dropout=args.dropout, norm_first=args.norm_first,
                         activation=args.activation)
         model = TinyLLM(config, seed=args.seed, chars=tok.chars, engine=args.engine)
         state = None
     T, B = config.context, args.batch_size  # on --resume, the checkpoint's
-    for name, part in (("training", train_text), ("validation", val_text)):
-        if len(part) < T + 2:
-            raise TrainError(f"{args.data}: the {name} part has {len(part)} characters, fewer than "
-                             f"--context {T} + 2; use a longer text, a smaller --context or another --val-frac")
-    if B * (T + 1) > len(train_text):
+    too_short = ("{data}: the {name} part has {n} characters, fewer than --context {T} + 2; use a longer text, "
+                 "a smaller --context or another --val-frac")
+    if len(train_ids) < T + 2:
+        raise TrainError(too_short.format(data=args.data, name="training", n=len(train_ids), T=T))
+    if B * (T + 1) > len(train_ids):
         raise TrainError(f"{args.data}: one batch needs {B} x {T + 1} characters but the training part has only "
-                         f"{len(train_text)}; use a smaller --batch-size or --context")
-    train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
+                         f"{len(train_ids)}; use a smaller --batch-size or --context")
+    if len(val_ids) < T + 2:
+        raise TrainError(too_short.format(data=args.data, name="held-out validation", n=len(val_ids), T=T)
+                         + f" ({corpus.split})")
     steps_per_epoch = max(1, len(train_ids) // (B * T))
     if args.epochs is None and args.max_steps is None:
         args.epochs = 8.0
@@ -453,14 +470,17 @@ def train(args):
     workers = min(args.workers, len(micro_batches(B, args.micro_batch)))  # none that would never get work
     log_f, log_w = open_log(args.log, step if args.resume else None)
     progress = Progress(total, args.quiet, args.log_every)
+    if corpus.rebuilt:
+        progress.note(f"token ids of {args.data} written to {corpus.path}"
+                      + ("" if corpus.rebuilt == "missing" else f" (rebuilt: the old file was {corpus.rebuilt})"))
     progress.note(f"training {model.n_params:,} parameters on {len(train_ids):,} characters "
-                  f"({len(val_ids):,} held out), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
+                  f"({len(val_ids):,} held out: {corpus.split}), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
                   f"{total} steps, micro-batches of {args.micro_batch} on {workers} worker(s)"
                   + (f", resuming at step {step}" if step else ""))
     stop = StopRequest()
     old_handlers, dp = {}, None
     t_start = time.perf_counter()
-    recent = []
+    recent, last_eval = [], None
     before = row = None  # the state before the step under way (until it is applied); its log row (until written)
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -490,12 +510,15 @@ def train(args):
             tps = B * T * len(recent) / sum(recent)
             row = {"step": step, "epoch": f"{step / steps_per_epoch:.3f}", "lr": f"{opt.lr:.6g}",
                    "train_loss": f"{loss:.6f}", "grad_norm": f"{gnorm:.4f}", "eval_train_loss": "",
-                   "val_loss": "", "tok_per_s": f"{tps:.0f}", "elapsed_s": f"{time.perf_counter() - t_start:.1f}"}
+                   "val_loss": "", "tok_per_s": f"{tps:.0f}", "elapsed_s": f"{time.perf_counter() - t_start:.1f}",
+                   "train_bpc": f"{bpc(loss):.6f}", "eval_train_bpc": "", "val_bpc": ""}
             extra = ""
             if step % eval_every == 0 or step == total:
                 tr, va = evaluate(dp, train_eval), evaluate(dp, val_eval)
                 row["eval_train_loss"], row["val_loss"] = f"{tr:.6f}", f"{va:.6f}"
-                extra = f" | eval train {tr:.4f} | val {va:.4f}"
+                row["eval_train_bpc"], row["val_bpc"] = f"{bpc(tr):.6f}", f"{bpc(va):.6f}"
+                extra = f" | eval train {tr:.4f} ({bpc(tr):.3f} bpc) | val {va:.4f} ({bpc(va):.3f} bpc)"
+                last_eval = tr, va
             log_w.writerow(row)
             log_f.flush()
             row = None
@@ -506,6 +529,10 @@ def train(args):
             save_checkpoint(args.checkpoint, model, opt, checkpoint_state())
             return stopped(progress, stop.signum, step, args.checkpoint)
         model.save(args.out)
+        if last_eval is not None:
+            tr, va = last_eval
+            progress.note(f"final: held-out validation loss {va:.4f} nats/char = {bpc(va):.3f} bpc; training "
+                          f"windows (memorised, eval mode) {tr:.4f} = {bpc(tr):.3f} bpc")
         progress.note(f"saved {args.out} after {step} steps ({time.perf_counter() - t_start:.0f} s this run)")
     except (WorkerError, Interrupted) as e:
         # The parameters here are those of the last completed step: a failed step never reached opt.step
