@@ -130,9 +130,8 @@ def run(args, out=sys.stdout, notice=_notice):
             out.flush()
     new = np.stack(steps, axis=1) if steps else np.zeros((B, 0), dtype=np.int64)  # (B, max_new_tokens)
     for b in range(B):
-        if not (stream and b == 0):
-            out.write(start)
-        out.write("".join(chars[new[b]].tolist()) + "\n" + DASHES + "\n")
+        text = "" if stream and b == 0 else start + "".join(chars[new[b]].tolist())  # (sample 0 is shown)
+        out.write(text + "\n" + DASHES + "\n")
         out.flush()
     return 0
 
