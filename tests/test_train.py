@@ -328,11 +328,13 @@ def test_default_out_leaves_the_shipped_weights_alone(tmp_path, text_file, monke
     assert (tmp_path / "runs" / "tinyllm.npz").exists() and not (tmp_path / "weights").exists()
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == "train: chat with it: python chat.py --weights runs/tinyllm.npz"
-    # text without the chat markers: a model that cannot chat gets no such hint
+    # text without the chat markers: a model that cannot chat is pointed to the sampler instead
     plain = tmp_path / "plain.txt"
     plain.write_text("".join(f"line {i}: abcdefgh\n" for i in range(100)), encoding="utf-8")
     assert T.main(["--data", str(plain), *loud, "--max-steps", "2", "--out", "w b.npz"]) == 0
-    assert (tmp_path / "w b.npz").exists() and "chat.py" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (tmp_path / "w b.npz").exists() and "chat.py" not in err
+    assert err.splitlines()[-1] == "train: sample from it: python -m tinyllm_np.sample --weights 'w b.npz'"
 
 
 def test_bits_per_character_in_progress_log_and_summary(tmp_path, text_file, capsys):

@@ -557,6 +557,8 @@ def train(args):
         progress.note(f"loss curve: {args.plot}")
     if set(USER + BOT + END) <= set(tok.chars):  # a model that can chat; last, where the eye lands
         progress.note(f"train: chat with it: python chat.py --weights {shlex.quote(args.out)}")
+    else:  # any other text: nanoGPT-style samples
+        progress.note(f"train: sample from it: python -m tinyllm_np.sample --weights {shlex.quote(args.out)}")
     return 0
 
 
