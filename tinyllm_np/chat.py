@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from .cli import EXIT_USAGE, OneLineParser
+from .cli import EXIT_USAGE, OneLineParser, stdout_gone
 from .generate import check_slide, generate
 from .weights import WeightsError, load_model
 from .tokenizer import CharTokenizer
@@ -266,12 +266,8 @@ def _main(argv):
     except KeyboardInterrupt:
         _out("\n")
         return 130
-    except BrokenPipeError:
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        return 0
+    except BrokenPipeError:  # e.g. piped into head: stop quietly
+        return stdout_gone()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """What the command-line tools share: usage errors as one line."""
 
 import argparse
+import os
+import sys
 
 EXIT_USAGE = 2
 
@@ -24,3 +26,15 @@ class OneLineParser(argparse.ArgumentParser):
             return self.parse_args(argv), None
         except SystemExit as e:
             return None, e.code
+
+
+def stdout_gone():
+    """After a BrokenPipeError (the reader left, e.g. ``| head``): exit code 0, and no error at exit.
+
+    Python flushes stdout once more at exit; pointed at os.devnull, that flush cannot fail again.
+    """
+    try:
+        sys.stdout = open(os.devnull, "w")
+    except OSError:
+        pass
+    return 0

@@ -2,6 +2,8 @@
 
     for tok in generate(model, prompt_ids, max_new_tokens=200, temperature=0.7, rng=rng):
         ...                                            # one token id at a time (streaming)
+    for toks in generate_batch(model, prompts, 500, top_p=0.9, rng=rng):
+        ...                                            # (B,) ids a step: B prompts (B,n) at once
 
 The model sees at most ``context`` (128) tokens.  For text of n tokens the window
 starts at ``window_start(n)``: 0 while the text fits, afterwards a multiple of

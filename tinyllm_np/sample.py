@@ -15,13 +15,12 @@ slides as in the chat (--slide).  Same --seed, same output (default 1337, as
 nanoGPT's).
 """
 
-import os
 import sys
 
 import numpy as np
 
 from .chat import default_weights
-from .cli import EXIT_USAGE, OneLineParser
+from .cli import EXIT_USAGE, OneLineParser, stdout_gone
 from .generate import check_slide, generate_batch
 from .tokenizer import CharTokenizer
 from .weights import WeightsError, load_model
@@ -149,11 +148,7 @@ def main(argv=None):
         print(file=sys.stdout, flush=True)
         return 130
     except BrokenPipeError:  # e.g. piped into head: stop quietly
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        return 0
+        return stdout_gone()
 
 
 if __name__ == "__main__":
