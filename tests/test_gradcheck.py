@@ -254,3 +254,14 @@ def test_check_catches_ffn_backward_that_forgets_dropout():
     assert gc.case_ffn_gelu(backward=no_mask)["x"].rel > 1e-3
     unmasked = lambda dout, c: L.ffn_backward(dout, (c[0], np.ones_like(c[1])) + c[2:])  # noqa: E731  ReLU's too
     assert gc.case_ffn_relu(backward=unmasked)["x"].rel > 1e-3
+
+
+def test_every_break_the_docs_name_exists():
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in ("tinyllm_np/reference.py", "docs/tour.md"):
+        text = open(os.path.join(root, path), encoding="utf-8").read()
+        named = set(re.findall(r"--break\s+`?(\w+)", text)) - {"NAME", "list"}
+        assert named and named <= set(gc.BREAKS), (path, named - set(gc.BREAKS))

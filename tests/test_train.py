@@ -52,6 +52,28 @@ def test_short_training_run_lowers_the_loss(tmp_path, text_file):
     assert model.config.d_model == 16 and model.dtype == np.float32
 
 
+def test_engine_flag_trains_on_the_reference_layers_to_the_same_losses(tmp_path, text_file, monkeypatch):
+    """--engine reference reaches the model (the workers build their own, see test_reference); same losses."""
+    made = []
+    real = T.TinyLLM
+
+    def spy(*args, **kwargs):
+        made.append(kwargs.get("engine"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "TinyLLM", spy)
+    losses = {}
+    for engine in ("fast", "reference"):
+        assert T.main(run_args(tmp_path / engine, text_file, "--max-steps", "5", "--engine", engine,
+                               "--workers", "1")) == 0
+        losses[engine] = np.array([float(r["train_loss"]) for r in read_log(tmp_path / engine / "log.csv")])
+    assert made == ["fast", "reference"]
+    assert np.abs(losses["fast"] - losses["reference"]).max() < 1e-4
+    assert T.main(run_args(tmp_path / "reference", text_file, "--max-steps", "6", "--resume",
+                           "--engine", "reference", "--workers", "1")) == 0  # the engine is not in the checkpoint
+    assert made[-1] == "reference"
+
+
 def test_resume_is_bitwise_identical(tmp_path, text_file):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--lr", "5e-3", "--warmup", "5", "--clip", "1.0", "--ckpt-every", "7"]  # constant lr: the total differs

@@ -267,7 +267,7 @@ def softmax_backward(dout, cache):
     is not diagonal.  Then
         dx_j = sum_i dout_i y_i (delta_ij - y_j) = y_j (dout_j - sum_i dout_i y_i)
     Entries with y = 0 (masked) get dx = 0: no gradient flows to the future.
-    (``--break softmax_diagonal`` keeps only the diagonal, dx = y * dout.)
+    (``--break softmax_diagonal`` keeps only the diagonal, dx_j = dout_j y_j (1 - y_j).)
     """
     y = cache
     return y * (dout - (dout * y).sum(axis=-1, keepdims=True))
