@@ -118,6 +118,45 @@ def micro_batches(B, micro_batch):
     return split_batch(B, math.ceil(B / micro_batch))
 
 
+ACTIVATION_BUDGET = 1 << 20  # bytes: half a core's 2 MB L2, the rest left for weights and the other operands
+
+
+def auto_micro_batch(config, B, itemsize=4):
+    """Sequences per micro-batch for train.py's ``--micro-batch auto``: a function of the shapes alone.
+
+    The largest activation of a micro-batch of b sequences is its FFN hidden
+    array, b*T*F numbers, or attention's scores of one query block, about
+    b*H*(T/2)*T; b is the largest size whose larger array fits
+    ACTIVATION_BUDGET (1 MB), at least 1 and at most B, then evened out so the
+    batch splits into near-equal micro-batches of at most that size
+    (micro_batches).  Measured on 2 cores (AMD EPYC), ms a step, 2 workers:
+    the seed's shape (T=128, F=512) gives 4 (the hand-tuned default); nanoGPT's
+    CPU recipe (B=12, T=64, F=512) gives 6; the wide model (T=128, F=1024)
+    gives 2 (see auto_micro_batch's measurements in docs/performance.md).
+
+    It depends on the model and batch shape only, never on the machine: the
+    micro-batch size changes the numbers (dropout masks follow micro-batches),
+    so the same command must give the same run anywhere.  A checkpoint records
+    the size used; a resumed run takes it from there.
+    """
+    T, H, F = config.context, config.n_heads, config.d_ff
+    per_seq = T * max(F, H * ((T + 1) // 2)) * itemsize
+    b = max(1, min(B, ACTIVATION_BUDGET // per_seq))
+    n = math.ceil(B / b)
+    return math.ceil(B / n)  # the same n micro-batches, as even as they go
+
+
+def auto_workers(B, micro_batch, cores=None):
+    """Worker processes for ``--workers auto``: one per core, but no more than there are micro-batches.
+
+    More workers than cores only time-share a core (and each costs its own
+    memory); more than micro-batches would sit idle.  The count never changes
+    a run's numbers, so it may follow the machine (``os.cpu_count()``).
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(cores, len(micro_batches(B, micro_batch))))
+
+
 def _run(model, idx, targets, chunks, seeds, grads_out, train):
     """Weighted loss (and gradient, into grads_out) of micro-batches ``chunks`` = [(slice, weight)].
 
