@@ -237,6 +237,11 @@ def _ignore(signums):
 class DataParallel:
     """model's loss and gradients, the batch cut into micro-batches run by ``workers`` processes.
 
+    The public fast path for a training step, and the one train.py uses:
+    model.loss_and_grads on a whole batch runs in one process on big arrays;
+    this runs cache-sized micro-batches on every core (``tinyllm_np.DataParallel``).
+
+        dp = DataParallel(model)            # workers and micro_batch: auto, as train.py's flags
         dp = DataParallel(model, workers=2, micro_batch=4)
         loss, grads = dp.loss_and_grads(idx, targets, train=True)   # as model.loss_and_grads
         dp.close()                                                  # or use it as a context manager
@@ -253,7 +258,12 @@ class DataParallel:
     it closes them; they also end when the caller's process is gone.
     """
 
-    def __init__(self, model, workers=2, micro_batch=4):
+    def __init__(self, model, workers=None, micro_batch=None, batch_size=32):
+        """workers / micro_batch None: auto_workers / auto_micro_batch for batches of ``batch_size``."""
+        if micro_batch is None:
+            micro_batch = auto_micro_batch(model.config, batch_size, model.dtype.itemsize)
+        if workers is None:
+            workers = auto_workers(batch_size, micro_batch)
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if micro_batch < 1:
