@@ -174,8 +174,11 @@ def gelu_forward(x):
         y = 0.5 x (1 + tanh(u))
 
     Written as in-place passes over two fresh arrays (u, then y), with x^3 as
-    x * x^2: NumPy's float32 x ** 3 is a general power call, several times
-    slower than a multiply.  (B,T,F) = (6,64,512): see docs/performance.md.
+    x * x^2: NumPy's float32 x ** 3 is a general power call, here 34 ms on a
+    (6,64,512) array, against 0.1 ms a multiply.  Measured on 2 shared cores
+    (AMD EPYC), (6,64,512) float32: forward 42.6 -> 0.7 ms, backward 6.5 ->
+    3.0 ms; a training step at nanoGPT's CPU recipe 178 -> 72 ms, at the
+    wide model (4 x 256, d_ff 1024) 3.10 -> 1.67 s (paired runs, medians).
     """
     u = np.multiply(x, x)
     u *= x.dtype.type(_GELU_A)

@@ -129,10 +129,14 @@ def auto_micro_batch(config, B, itemsize=4):
     b*H*(T/2)*T; b is the largest size whose larger array fits
     ACTIVATION_BUDGET (1 MB), at least 1 and at most B, then evened out so the
     batch splits into near-equal micro-batches of at most that size
-    (micro_batches).  Measured on 2 cores (AMD EPYC), ms a step, 2 workers:
-    the seed's shape (T=128, F=512) gives 4 (the hand-tuned default); nanoGPT's
-    CPU recipe (B=12, T=64, F=512) gives 6; the wide model (T=128, F=1024)
-    gives 2 (see auto_micro_batch's measurements in docs/performance.md).
+    (micro_batches).  It gives 4 at the seed's shape (T=128, F=512; the
+    hand-tuned default before), 6 at nanoGPT's CPU recipe (B=12, T=64,
+    F=512), 2 at the wide model (T=128, F=1024).  Measured there (2 shared
+    cores, AMD EPYC, median ms of a step with AdamW, auto workers):
+    nanoGPT's recipe, micro-batches of 3/4/6/12: 88/80/93/575 (12 is one
+    micro-batch, so one process); wide, 2/4/8: 1319/1317/1604.  Sizes at or
+    under the budget are all about equally fast; the budget keeps clear of
+    the slow side.
 
     It depends on the model and batch shape only, never on the machine: the
     micro-batch size changes the numbers (dropout masks follow micro-batches),
