@@ -269,7 +269,8 @@ def test_workers_and_micro_batch_flags_are_checked(capsys, tmp_path):
     data = tmp_path / "t.txt"
     data.write_text("hello world, " * 200, encoding="utf-8")
     for args, message in ((["--workers", "0"], "--workers must be positive, got 0"),
-                          (["--micro-batch", "0"], "--micro-batch must be positive, got 0")):
+                          (["--micro-batch", "0"], "--micro-batch must be positive, got 0"),
+                          (["--workers", "many"], "argument --workers: expected 'auto' or an integer, got 'many'")):
         assert train_main(["--data", str(data), *args, "--out", str(tmp_path / "w.npz")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"train: error: {message}"]
@@ -350,13 +351,78 @@ def test_an_exception_that_would_not_unpickle_arrives_as_its_text():
 
 
 def test_more_workers_than_micro_batches_is_fine(capsys, tmp_path):
-    """--batch-size 1 with the default two workers: one micro-batch, so one worker (this process)."""
+    """--batch-size 1 with two workers asked for: one micro-batch, so one worker (this process)."""
     data = tmp_path / "t.txt"
     data.write_text("hello world, " * 400, encoding="utf-8")
     out = tmp_path / "w.npz"
     assert train_main(["--data", str(data), "--batch-size", "1", "--context", "16", "--max-steps", "3",
+                       "--workers", "2", "--micro-batch", "4",
                        "--d-model", "16", "--n-heads", "2", "--d-ff", "16", "--n-layers", "1", "--out", str(out),
                        "--checkpoint", str(tmp_path / "ck.npz"), "--log", str(tmp_path / "log.csv"),
                        "--plot", ""]) == 0
     assert "micro-batches of 4 on 1 worker(s)" in capsys.readouterr().err
     load_model(out)
+
+
+def test_auto_micro_batch_follows_the_activation_budget():
+    """The rule's values at the benchmark's shapes, measured best there (parallel.auto_micro_batch)."""
+    from tinyllm_np.parallel import ACTIVATION_BUDGET, auto_micro_batch
+
+    seed = Config(vocab_size=59)
+    nanogpt = Config(vocab_size=65, n_layers=4, context=64, norm_first=True, activation="gelu")
+    wide = Config(vocab_size=65, d_model=256, n_layers=4, d_ff=1024)
+    assert auto_micro_batch(seed, 32) == 4  # 4 x 128 x 512 floats = 1 MB exactly
+    assert auto_micro_batch(nanogpt, 12) == 6  # 8 would fit; 12 = 2 x 6 evens it out
+    assert auto_micro_batch(wide, 32) == 2
+    assert auto_micro_batch(seed, 3) == 3 and auto_micro_batch(seed, 1) == 1  # never more than the batch
+    huge = Config(vocab_size=59, d_ff=1 << 16)  # one sequence alone is over the budget: still 1
+    assert 128 * (1 << 16) * 4 > ACTIVATION_BUDGET and auto_micro_batch(huge, 32) == 1
+    for B in range(1, 40):  # near-equal micro-batches, none above the budget's size
+        mb = auto_micro_batch(seed, B)
+        sizes = [s.stop - s.start for s in micro_batches(B, mb)]
+        assert max(sizes) == mb and max(sizes) - min(sizes) <= 1 and mb <= 4
+
+
+def test_auto_micro_batch_does_not_depend_on_the_machine(monkeypatch):
+    """It changes the dropout masks, so the same command must pick the same size on any machine."""
+    from tinyllm_np import parallel
+
+    cfg = Config(vocab_size=65, n_layers=4, context=64)
+    picks = set()
+    for cores in (1, 2, 64):
+        monkeypatch.setattr(parallel.os, "cpu_count", lambda: cores)
+        picks.add(parallel.auto_micro_batch(cfg, 12))
+    assert picks == {6}
+
+
+def test_auto_workers_is_one_per_core_up_to_the_micro_batches(monkeypatch):
+    from tinyllm_np import parallel
+
+    assert parallel.auto_workers(32, 4, cores=2) == 2
+    assert parallel.auto_workers(32, 4, cores=16) == 8  # 8 micro-batches
+    assert parallel.auto_workers(3, 4, cores=2) == 1  # one micro-batch: this process
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 3)
+    assert parallel.auto_workers(12, 2) == 3
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: None)  # unknown: one
+    assert parallel.auto_workers(12, 2) == 1
+
+
+def test_train_auto_picks_and_records_the_micro_batch_and_explicit_flags_win(capsys, tmp_path, monkeypatch):
+    from tinyllm_np import parallel
+    from tinyllm_np import train as T
+    from tinyllm_np.parallel import auto_micro_batch
+
+    data = tmp_path / "t.txt"
+    data.write_text("hello world, " * 400, encoding="utf-8")
+    shape = ["--batch-size", "6", "--context", "32", "--d-model", "16", "--n-heads", "2", "--d-ff", "4096",
+             "--n-layers", "1", "--max-steps", "2", "--plot", "", "--log", str(tmp_path / "log.csv")]
+    cfg = Config(vocab_size=len(set(data.read_text())), d_model=16, n_heads=2, d_ff=4096, n_layers=1, context=32)
+    mb = auto_micro_batch(cfg, 6)
+    assert mb == 2  # 32 x 4096 floats = 512 KB a sequence: 2 fit the budget
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)  # auto workers: 2 cores, 3 micro-batches
+    for extra, want_mb, want_w in (([], mb, 2), (["--micro-batch", "3", "--workers", "1"], 3, 1)):
+        ck = tmp_path / f"ck{len(extra)}.npz"
+        assert train_main(["--data", str(data), *shape, *extra, "--out", str(tmp_path / "w.npz"),
+                           "--checkpoint", str(ck)]) == 0
+        assert f"micro-batches of {want_mb} on {want_w} worker(s)" in capsys.readouterr().err
+        assert T.load_checkpoint(ck)[5]["hparams"]["micro_batch"] == want_mb  # resume takes this one

@@ -1,12 +1,19 @@
-"""Benchmark: training step, matmul peak, generation speed, memory; PyTorch side by side if installed.
+"""Benchmark: training steps over a matrix of shapes, PyTorch side by side if installed; matmul peak, generation, memory.
 
-    python -m tinyllm_np.bench                 # the full run (about 25 s on 2 cores)
+    python -m tinyllm_np.bench                      # the whole matrix (a few minutes on 2 cores)
+    python -m tinyllm_np.bench --configs nanogpt --steps 5
     python -m tinyllm_np.bench --steps 5 --no-torch
 
 Everything is measured in this one run on this machine: the float32 matmul
-peak, the training step at the original's configuration (B=32, T=128, AdamW,
-dropout 0.1 and 0), generation with the KV cache, and, when PyTorch is
-installed, the identical model and step in PyTorch.
+peak; a training step (forward, backward, AdamW) at each configuration of
+CONFIGS -- the seed's (B=32, T=128, dropout 0.1 and 0), nanoGPT's CPU recipe
+(B=12, T=64, 4 x 128, pre-norm GELU) and a wider model (B=32, T=128, 4 x 256,
+d_ff 1024) -- ours as train.py runs it (parallel.DataParallel, --workers and
+--micro-batch auto) and, when PyTorch is installed, the same model written two
+ways a PyTorch user would: nanoGPT's block on F.scaled_dot_product_attention
+(torch_ref.TorchGPT) and nn.TransformerEncoderLayer (torch_ref.TorchTinyLLM),
+the ratio taken against the faster; model.loss_and_grads called directly; and
+generation with the KV cache.
 """
 
 import os
@@ -24,7 +31,7 @@ from .generate import Decoder, sample
 from .layers import query_blocks
 from .model import Config, TinyLLM
 from .optim import AdamW
-from .parallel import DataParallel, blas_threads
+from .parallel import DataParallel, auto_micro_batch, auto_workers, blas_threads
 
 
 def median_time(fn, repeats, warmup=2):
@@ -69,17 +76,34 @@ def step_flops(cfg, B, T):
     return 3 * B * (L * per_seq_layer + T * 2 * C * V)
 
 
-def bench_numpy_step(cfg, B, T, steps, workers, micro_batch, seed=0):
+# name -> (what, Config, B, T): the benchmark's matrix (issue 13)
+CONFIGS = {
+    "seed": ("the seed: 3 x 128, post-norm ReLU, dropout 0.1",
+             Config(vocab_size=59, dropout=0.1), 32),
+    "seed-p0": ("the seed, dropout 0",
+                Config(vocab_size=59, dropout=0.0), 32),
+    "nanogpt": ("nanoGPT's CPU recipe: 4 x 128, 4 heads, pre-norm GELU, dropout 0",
+                Config(vocab_size=65, n_layers=4, context=64, dropout=0.0, norm_first=True, activation="gelu"), 12),
+    "wide": ("wider: 4 x 256, 4 heads, d_ff 1024, pre-norm GELU, dropout 0.1",
+             Config(vocab_size=65, d_model=256, n_layers=4, d_ff=1024, dropout=0.1, norm_first=True,
+                    activation="gelu"), 32),
+}
+
+
+def random_batch(cfg, B, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg.vocab_size, (B, cfg.context)), rng.integers(0, cfg.vocab_size, (B, cfg.context))
+
+
+def bench_numpy_step(cfg, B, steps, workers, micro_batch, seed=0):
     """(median seconds, workers' peak RSS in MB) of a training step as train.py runs it.
 
     The batch is cut into micro-batches of ``micro_batch`` sequences, run by
-    ``workers`` processes; the optimizer step runs in this process.
+    ``workers`` processes (parallel.DataParallel); the AdamW step runs in this process.
     """
     model = TinyLLM(cfg, seed=seed)
     opt = AdamW(model.params, lr=3e-3, weight_decay=0.01)
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, cfg.vocab_size, (B, T))
-    y = rng.integers(0, cfg.vocab_size, (B, T))
+    x, y = random_batch(cfg, B, seed)
     with DataParallel(model, workers, micro_batch) as dp:
 
         def step():
@@ -90,16 +114,28 @@ def bench_numpy_step(cfg, B, T, steps, workers, micro_batch, seed=0):
         return t, sum(peak_rss_of(pid) for pid in dp.pids())
 
 
-def bench_torch_step(cfg, B, T, steps, seed=0):
+def bench_plain_step(cfg, B, steps, seed=0):
+    """Median seconds of model.loss_and_grads on the whole batch in this process, plus the AdamW step."""
+    model = TinyLLM(cfg, seed=seed)
+    opt = AdamW(model.params, lr=3e-3, weight_decay=0.01)
+    x, y = random_batch(cfg, B, seed)
+    return median_time(lambda: opt.step(model.loss_and_grads(x, y, train=True)[1]), steps)
+
+
+def bench_torch_step(cfg, B, steps, module="gpt", seed=0):
+    """Median seconds of a PyTorch training step (forward, backward, AdamW).
+
+    module "gpt": torch_ref.TorchGPT, nanoGPT's block on F.scaled_dot_product_attention;
+    "encoder": torch_ref.TorchTinyLLM, nn.TransformerEncoderLayer, as the original.
+    """
     import torch
 
-    from .torch_ref import from_numpy
+    from .torch_ref import TorchGPT, from_numpy
 
-    tm = from_numpy(TinyLLM(cfg, seed=seed)).train()
+    torch.manual_seed(seed)
+    tm = (TorchGPT(cfg) if module == "gpt" else from_numpy(TinyLLM(cfg, seed=seed))).train()
     opt = torch.optim.AdamW(tm.parameters(), lr=3e-3, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
-    y = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    x, y = (torch.from_numpy(a) for a in random_batch(cfg, B, seed))
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -196,20 +232,47 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
 
 
+def _count(text):
+    """--workers / --micro-batch value: "auto" (None) or a positive integer."""
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"expected 'auto' or a positive integer, got {text!r}")
+    return n
+
+
 def main(argv=None):
     ap = OneLineParser(prog="python -m tinyllm_np.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (median)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated configurations of the matrix, from {', '.join(CONFIGS)} "
+                         "(default: all)")
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps per measurement (median)")
     ap.add_argument("--gen-chars", type=int, default=500, help="characters generated per generation test")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
-    ap.add_argument("--workers", type=int, default=2, help="worker processes of the training step (train.py's --workers)")
-    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch (train.py's --micro-batch)")
+    ap.add_argument("--torch-threads", type=int, default=2, help="PyTorch's intra-op threads (default: 2)")
+    ap.add_argument("--workers", default="auto",
+                    help="worker processes of our step, as train.py's --workers (default: auto)")
+    ap.add_argument("--micro-batch", default="auto",
+                    help="sequences per micro-batch, as train.py's --micro-batch (default: auto)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's allocator settings alone, here and in the workers "
                          "(to see what reuse_freed_memory buys)")
     args = ap.parse_args(argv)
-    B, T = 32, 128
-    if args.steps < 1 or args.gen_chars < 1 or args.micro_batch < 1 or not 1 <= args.workers <= B:
-        ap.error(f"--steps, --gen-chars and --micro-batch must be positive, --workers between 1 and {B}")
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    try:
+        workers, micro_batch = _count(args.workers), _count(args.micro_batch)
+    except ValueError as e:
+        ap.error(f"--workers/--micro-batch: {e}")
+    if unknown or not names:
+        ap.error(f"--configs: unknown configuration {unknown[0] if unknown else ''!r}; "
+                 f"choose from {', '.join(CONFIGS)}")
+    if args.steps < 1 or args.gen_chars < 1 or args.torch_threads < 1:
+        ap.error("--steps, --gen-chars and --torch-threads must be positive")
     print(f"machine: {machine()}")
     if args.default_malloc:
         print("allocator: glibc defaults (--default-malloc)")
@@ -218,43 +281,62 @@ def main(argv=None):
     peak = matmul_peak()
     print(f"float32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
     print(f"BLAS threads: {blas_threads()}")
-    rows = []
-    flops = step_flops(Config(vocab_size=59), B, T)
-    print(f"training step: B={B}, T={T}, AdamW, {flops / 1e9:.1f} GFLOP of matmuls; median of {args.steps}")
-    workers_rss = 0.0
-    for p in (0.1, 0.0):
-        cfg = Config(vocab_size=59, dropout=p)
-        for workers in dict.fromkeys((args.workers, 1)):
-            t, rss = bench_numpy_step(cfg, B, T, args.steps, workers, args.micro_batch)
-            workers_rss = max(workers_rss, rss)
-            rows.append((p, workers, t))
-            how = (f"{workers} worker processes, BLAS 1 thread each" if workers > 1
-                   else f"1 worker (this process), BLAS {blas_threads()} threads")
-            print(f"numpy training step, dropout {p}, micro-batches of {args.micro_batch}, {how}: {t * 1e3:.1f} ms  "
-                  f"({B * T / t:,.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / 1e9 / peak:.1f}% of peak)")
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
+        except ImportError:
+            print("PyTorch: not installed; no comparison (pip install torch to add it)")
+    if torch is not None:
+        print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads; 'gpt': nanoGPT's block on "
+              "F.scaled_dot_product_attention (torch_ref.TorchGPT), 'encoder': nn.TransformerEncoderLayer")
+    print(f"training steps (forward, backward, AdamW), median of {args.steps}; ratio = ours / the faster PyTorch")
+    workers_rss, table = 0.0, []
+    for name in names:
+        what, cfg, B = CONFIGS[name]
+        T = cfg.context
+        mb = micro_batch or auto_micro_batch(cfg, B)
+        w = workers or auto_workers(B, mb)
+        flops = step_flops(cfg, B, T)
+        t, rss = bench_numpy_step(cfg, B, args.steps, w, mb)
+        workers_rss = max(workers_rss, rss)
+        print(f"[{name}] {what}; B={B}, T={T}, {TinyLLM(cfg).n_params:,} parameters, {flops / 1e9:.2f} GFLOP")
+        print(f"  numpy training step, dropout {cfg.dropout}, micro-batches of {mb}, {w} worker(s): "
+              f"{t * 1e3:.1f} ms ({B * T / t:,.0f} tokens/s, {100 * flops / t / 1e9 / peak:.1f}% of peak)")
+        row = [name, t]
+        if torch is not None:
+            tg = bench_torch_step(cfg, B, args.steps, "gpt")
+            te = bench_torch_step(cfg, B, args.steps, "encoder")
+            print(f"  torch gpt {tg * 1e3:.1f} ms, torch encoder {te * 1e3:.1f} ms; "
+                  f"numpy/torch: {t / min(tg, te):.2f}")
+            row += [tg, te, t / min(tg, te)]
+        table.append(row)
     train_rss = peak_rss_mb()
     others_rss = sum(peak_rss_of(pid) for pid in child_pids())  # multiprocessing's resource tracker
     print(f"peak RSS of the training steps: {train_rss + workers_rss + others_rss:.0f} MB "
           f"(this process {train_rss:.0f} MB + its workers {workers_rss:.0f} MB + other child processes "
           f"{others_rss:.0f} MB)")
+    if torch is not None:
+        print("| config | numpy ms | torch gpt ms | torch encoder ms | numpy/torch |")
+        for name, t, tg, te, r in table:
+            print(f"| {name} | {t * 1e3:.1f} | {tg * 1e3:.1f} | {te * 1e3:.1f} | {r:.2f} |")
+    if "seed-p0" in names:  # what a library caller gets without DataParallel
+        _, cfg, B = CONFIGS["seed-p0"]
+        tp = bench_plain_step(cfg, B, args.steps)
+        line = f"library: model.loss_and_grads on the whole (32,128) batch, dropout 0, in one process: {tp * 1e3:.1f} ms"
+        if torch is not None:
+            tt = min(next(r[2:4] for r in table if r[0] == "seed-p0"))
+            line += f"; numpy/torch: {tp / tt:.2f} (DataParallel, the public fast path, is the row above)"
+        print(line)
     model = TinyLLM(Config(vocab_size=59), seed=0)
     gen = {}
     for plen in (8, 128):
         cps, first = bench_generation(model, plen, args.gen_chars)
         gen[plen] = cps
         print(f"generation, {plen}-char prompt, KV cache: {cps:,.0f} chars/s, first char after {first * 1e3:.1f} ms")
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-        except ImportError:
-            print("PyTorch: not installed; no comparison (pip install torch to add it)")
     if torch is not None:
-        print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads:")
-        for p in (0.1, 0.0):
-            tt = bench_torch_step(Config(vocab_size=59, dropout=p), B, T, args.steps)
-            ratios = ", ".join(f"{w} worker{'s' if w > 1 else ''} {t / tt:.2f}" for q, w, t in rows if q == p)
-            print(f"torch training step, dropout {p}: {tt * 1e3:.1f} ms; numpy/torch time ratio: {ratios}")
         tg = bench_torch_generation(model, 8, min(args.gen_chars, 300))
         print(f"torch generation (original method, window recomputed per char): {tg:,.0f} chars/s; "
               f"numpy KV cache is {gen[8] / tg:.1f}x faster")

@@ -12,7 +12,7 @@ pair, forward and backward, with and without dropout).  Each function's
 docstring says what it computes in reference terms and what its trick buys,
 measured on one micro-batch (B=4, T=128, C=128) unless it says otherwise.
 Where there is no trick to play, the reference's own function is used
-(GELU, the dropout mask).  Shapes use the same short names everywhere:
+(the dropout mask).  Shapes use the same short names everywhere:
 
     B batch, T time (sequence length), C model width (d_model), H heads,
     D head size (C // H), F feed-forward width (d_ff), V vocabulary size.
@@ -28,8 +28,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .reference import (LN_EPS, DROPOUT_BITS, dropout_mask, dropout_threshold, gelu_backward,  # noqa: F401
-                        gelu_forward, keep_prob)  # (no trick to play)
+from .reference import (LN_EPS, DROPOUT_BITS, GELU_A, GELU_K, dropout_mask, dropout_threshold,  # noqa: F401
+                        keep_prob)  # (no trick to play)
 
 
 @lru_cache(maxsize=64)
@@ -178,6 +178,54 @@ def relu_forward(x, keep=None, out=None):
 def relu_backward(dout, cache, out=None):
     """dy/dx is 1 where x > 0 (and kept) and 0 elsewhere, so dx = dout * mask (reference.relu_backward); ``out`` may be dout."""
     return np.multiply(dout, cache, out=out)
+
+
+def gelu_forward(x):
+    """reference.gelu_forward, GELU's tanh form (GPT-2's; PyTorch's ``gelu(x, approximate="tanh")``).
+
+        u = sqrt(2/pi) * (x + 0.044715 x^3) = sqrt(2/pi) * x * (1 + 0.044715 x^2)
+        y = 0.5 x (1 + tanh(u))
+
+    Written as in-place passes over two fresh arrays (u, then y), with x^3 as
+    x * x^2: NumPy's float32 x ** 3 is a general power call, here 34 ms on a
+    (6,64,512) array, against 0.1 ms a multiply.  Measured on 2 shared cores
+    (AMD EPYC), (6,64,512) float32: forward 42.6 -> 0.7 ms, backward 6.5 ->
+    3.0 ms; a training step at nanoGPT's CPU recipe 178 -> 72 ms, at the
+    wide model (4 x 256, d_ff 1024) 3.10 -> 1.67 s (paired runs, medians).
+    """
+    u = np.multiply(x, x)
+    u *= x.dtype.type(GELU_A)
+    u += 1
+    u *= x
+    u *= x.dtype.type(GELU_K)
+    t = np.tanh(u, out=u)
+    y = t + 1
+    y *= x
+    y *= 0.5
+    return y, (x, t)
+
+
+def gelu_backward(dout, cache):
+    """reference.gelu_backward: the product rule on y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi)(x + 0.044715 x^3):
+
+        dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) * sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    with t = tanh(u) saved from the forward.  dx = dout * dy/dx, built in one
+    fresh array and a scratch one (in-place passes, as the forward).
+    """
+    x, t = cache
+    g = np.multiply(x, x)  # dy/dx = 0.5 * (1 + t + x (1 - t^2) k (1 + 3a x^2)), accumulated in g
+    g *= x.dtype.type(3 * GELU_A)
+    g += 1
+    g *= x
+    g *= x.dtype.type(GELU_K)
+    s = np.multiply(t, t)
+    np.subtract(1, s, out=s)  # 1 - t^2
+    g *= s
+    g += t
+    g += 1
+    g *= 0.5
+    g *= dout
+    return g
 
 
 ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gelu_backward)}

@@ -601,6 +601,11 @@ class TinyLLM:
         ``weight`` x loss (the loss itself is returned unweighted), and with
         ``grads``, a dict like the one returned, it is added into those arrays
         instead of a fresh buffer -- no extra pass over the 626,560 numbers.
+
+        Speed: this runs the whole batch in one process.  For training, use
+        ``parallel.DataParallel(model)``, the same contract on cache-sized
+        micro-batches over all cores, which train.py uses (the benchmark's
+        "library" line measures both against PyTorch).
         """
         idx = self._check_idx(idx)
         targets = self._check_targets(idx, targets)

@@ -139,6 +139,49 @@ def micro_batches(B, micro_batch):
     return split_batch(B, math.ceil(B / micro_batch))
 
 
+ACTIVATION_BUDGET = 1 << 20  # bytes: half a core's 2 MB L2, the rest left for weights and the other operands
+
+
+def auto_micro_batch(config, B, itemsize=4):
+    """Sequences per micro-batch for train.py's ``--micro-batch auto``: a function of the shapes alone.
+
+    The largest activation of a micro-batch of b sequences is its FFN hidden
+    array, b*T*F numbers, or attention's scores of one query block, about
+    b*H*(T/2)*T; b is the largest size whose larger array fits
+    ACTIVATION_BUDGET (1 MB), at least 1 and at most B, then evened out so the
+    batch splits into near-equal micro-batches of at most that size
+    (micro_batches).  It gives 4 at the seed's shape (T=128, F=512; the
+    hand-tuned default before), 6 at nanoGPT's CPU recipe (B=12, T=64,
+    F=512), 2 at the wide model (T=128, F=1024).  Measured there (2 shared
+    cores, AMD EPYC, median ms of a step with AdamW, auto workers):
+    nanoGPT's recipe, micro-batches of 3/4/6/12: 88/80/93/575 (12 is one
+    micro-batch, so one process); wide, 2/4/8: 1319/1317/1604.  Sizes at or
+    under the budget are all about equally fast; the budget keeps clear of
+    the slow side.
+
+    It depends on the model and batch shape only, never on the machine: the
+    micro-batch size changes the numbers (dropout masks follow micro-batches),
+    so the same command must give the same run anywhere.  A checkpoint records
+    the size used; a resumed run takes it from there.
+    """
+    T, H, F = config.context, config.n_heads, config.d_ff
+    per_seq = T * max(F, H * ((T + 1) // 2)) * itemsize
+    b = max(1, min(B, ACTIVATION_BUDGET // per_seq))
+    n = math.ceil(B / b)
+    return math.ceil(B / n)  # the same n micro-batches, as even as they go
+
+
+def auto_workers(B, micro_batch, cores=None):
+    """Worker processes for ``--workers auto``: one per core, but no more than there are micro-batches.
+
+    More workers than cores only time-share a core (and each costs its own
+    memory); more than micro-batches would sit idle.  The count never changes
+    a run's numbers, so it may follow the machine (``os.cpu_count()``).
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(cores, len(micro_batches(B, micro_batch))))
+
+
 def _run(model, idx, targets, chunks, seeds, slots, train):
     """Weighted losses [w_k loss_k] of micro-batches ``chunks`` = [(slice, w_k)], in their order.
 
@@ -275,6 +318,11 @@ _POLL = 0.05
 class DataParallel:
     """model's loss and gradients, the batch cut into micro-batches run by ``workers`` processes.
 
+    The public fast path for a training step, and the one train.py uses:
+    model.loss_and_grads on a whole batch runs in one process on big arrays;
+    this runs cache-sized micro-batches on every core (``tinyllm_np.DataParallel``).
+
+        dp = DataParallel(model)            # workers and micro_batch: auto, as train.py's flags
         dp = DataParallel(model, workers=2, micro_batch=4)
         loss, grads = dp.loss_and_grads(idx, targets, train=True)   # as model.loss_and_grads
         dp.close()                                                  # or use it as a context manager
@@ -302,7 +350,12 @@ class DataParallel:
     Interrupted this DataParallel is closed; the model is untouched.
     """
 
-    def __init__(self, model, workers=2, micro_batch=4, batch_size=32, timeout=None, stop=None, stop_grace=5.0):
+    def __init__(self, model, workers=None, micro_batch=None, batch_size=32, timeout=None, stop=None, stop_grace=5.0):
+        """workers / micro_batch None: auto_workers / auto_micro_batch for batches of ``batch_size``."""
+        if micro_batch is None:
+            micro_batch = auto_micro_batch(model.config, batch_size, model.dtype.itemsize)
+        if workers is None:
+            workers = auto_workers(batch_size, micro_batch)
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if micro_batch < 1:

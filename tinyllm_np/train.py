@@ -12,6 +12,17 @@ text; the first T characters are the input and the last T (shifted by one) the
 targets.  An epoch is as many steps as it takes to see as many target characters
 as the training text holds: len(train) // (B * T) steps.
 
+--micro-batch and --workers are "auto" by default (explicit values win).  The
+micro-batch is the largest number of sequences whose biggest activation
+(T x d_ff floats, or a block of attention scores) fits 1 MB, half a core's L2,
+evened out over the batch (parallel.auto_micro_batch): 4 at the original
+recipe, 6 at nanoGPT's CPU recipe (B=12, T=64), 2 at width 256 with d_ff 1024,
+the fastest of those measured at each (docs/performance.md).  It depends on
+the shapes alone, since it changes the numbers (dropout masks follow
+micro-batches), and the checkpoint records it.  The workers are one per core,
+no more than there are micro-batches (parallel.auto_workers); they never change
+the numbers.
+
 Length: --epochs E alone runs ceil(E x steps/epoch) steps and the lr schedule
 spans them (E = 8 when neither flag is given); --max-steps N alone runs N
 steps and the schedule spans N; with both, the schedule spans the E epochs and
@@ -63,7 +74,7 @@ from .dataset import BOT, END, USER
 from .reference import dropout_threshold
 from .model import Config, TinyLLM
 from .optim import AdamW, clip_grad_norm, lr_at
-from .parallel import DataParallel, Interrupted, WorkerError, micro_batches
+from .parallel import DataParallel, Interrupted, WorkerError, auto_micro_batch, auto_workers, micro_batches
 from .tokenizer import CharTokenizer
 from .weights import CHECKPOINT_KEYS, WeightsError, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
@@ -72,6 +83,16 @@ from .fileio import atomic_savez, atomic_write_bytes
 class TrainError(Exception):
     """A problem with the user's input; printed as one line, exit code 2 (as data.DataError)."""
 
+
+
+def auto_or_count(text):
+    """--workers / --micro-batch: "auto" or an integer (checked to be positive in validate_args)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
 
 
 def build_parser():
@@ -105,14 +126,16 @@ def build_parser():
     g.add_argument("--clip", type=float, default=0.0, help="clip gradients to this global norm (0: off)")
     g.add_argument("--dropout", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--micro-batch", type=int, default=4,
+    g.add_argument("--micro-batch", type=auto_or_count, default="auto",
                    help="sequences per micro-batch: each batch is cut into micro-batches of at most this many, "
-                        "gradients accumulated; dropout masks are drawn per micro-batch (see parallel.py) "
-                        "(default: %(default)s)")
-    g.add_argument("--workers", type=int, default=2,
-                   help="worker processes running the micro-batches at once, one core each (no more are started "
-                        "than a batch has micro-batches); the results do not depend on it, bit for bit "
-                        "(1: all in this process) (default: %(default)s)")
+                        "gradients accumulated; dropout masks are drawn per micro-batch, so it changes the numbers "
+                        "(see parallel.py). auto: the largest size whose biggest activation (T x d_ff, or a "
+                        "block of attention scores) fits 1 MB, half a core's L2 -- from the shapes alone, never the "
+                        "machine (parallel.auto_micro_batch); recorded in the checkpoint (default: %(default)s)")
+    g.add_argument("--workers", type=auto_or_count, default="auto",
+                   help="worker processes running the micro-batches at once, one core each; the results do not "
+                        "depend on it, bit for bit. auto: one per core, no more than the batch has micro-batches "
+                        "(parallel.auto_workers) (1: all in this process) (default: %(default)s)")
     g.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
                    help="a worker silent this long counts as stuck: the last completed step is saved and the run "
                         "exits 1 (default: 120 s or 30 x the slowest step so far, whichever is longer)")
@@ -182,8 +205,9 @@ def validate_args(args):
         (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
         (args.clip >= 0, f"--clip must be >= 0, got {args.clip}"),
-        (args.workers >= 1, f"--workers must be positive, got {args.workers}"),
-        (args.micro_batch >= 1, f"--micro-batch must be positive, got {args.micro_batch}"),
+        (args.workers == "auto" or args.workers >= 1, f"--workers must be positive, got {args.workers}"),
+        (args.micro_batch == "auto" or args.micro_batch >= 1,
+         f"--micro-batch must be positive, got {args.micro_batch}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
         (0 < args.val_frac < 1, f"--val-frac must be between 0 and 1, got {args.val_frac}"),
         (args.ckpt_every > 0, f"--ckpt-every must be positive, got {args.ckpt_every}"),
@@ -428,6 +452,8 @@ def train(args):
         model = TinyLLM(config, seed=args.seed, chars=tok.chars, engine=args.engine)
         state = None
     T, B = config.context, args.batch_size  # on --resume, the checkpoint's
+    if args.micro_batch == "auto":  # on --resume, the checkpoint's size was set above
+        args.micro_batch = auto_micro_batch(config, B)
     too_short = ("{data}: the {name} part has {n} characters, fewer than --context {T} + 2; use a longer text, "
                  "a smaller --context or another --val-frac")
     if len(train_ids) < T + 2:
@@ -467,7 +493,10 @@ def train(args):
         return {"step": step, "opt_t": opt.t, "data_rng": data_rng.bit_generator.state,
                 "dropout_rng": model.rng.bit_generator.state, "data_sha256": fingerprint, "hparams": hparams}
 
-    workers = min(args.workers, len(micro_batches(B, args.micro_batch)))  # none that would never get work
+    if args.workers == "auto":
+        workers = auto_workers(B, args.micro_batch)
+    else:
+        workers = min(args.workers, len(micro_batches(B, args.micro_batch)))  # none that would never get work
     log_f, log_w = open_log(args.log, step if args.resume else None)
     progress = Progress(total, args.quiet, args.log_every)
     if corpus.rebuilt:
