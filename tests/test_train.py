@@ -2,9 +2,11 @@
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from tinyllm_np import TinyLLM, load_model
 from tinyllm_np import train as T
+from tinyllm_np.data import split_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "32", "--context", "16",
@@ -399,3 +402,204 @@ def test_resume_is_bitwise_when_the_ids_file_is_damaged_or_gone(tmp_path, text_f
     assert ids.exists()
     assert np.array_equal(load_model(a / "w.npz").flat, load_model(b / "w.npz").flat)
     assert [r["train_loss"] for r in read_log(a / "log.csv")] == [r["train_loss"] for r in read_log(b / "log.csv")]
+
+
+# ------------------------------------------------- worker faults, bitwise whatever the workers, flags on --resume
+
+def _worker_pids(pid):
+    """The DataParallel workers of process ``pid``: its spawned children (not multiprocessing's resource tracker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry))
+    return sorted(found)
+
+
+FAULT = ["--max-steps", "40", "--ckpt-every", "1000", "--eval-every", "1000", "--log-every", "1",
+         "--micro-batch", "1", "--epochs", "3", "--schedule", "cosine"]  # 4 micro-batches a step, dropout 0.1
+
+
+def _run_until(tmp_path, text_file, flags, at_step=8):
+    """A train.py subprocess (2 workers), left running at step ``at_step``; (proc, worker pids)."""
+    cmd = [sys.executable, "-m", "tinyllm_np.train",
+           *[a for a in run_args(tmp_path, text_file, *FAULT, *flags) if a != "--quiet"]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith(f"step {at_step}/"):
+            break
+    pids = _worker_pids(proc.pid)
+    assert len(pids) == 2
+    return proc, pids
+
+
+def _the_one_line(err):
+    """stderr without the progress lines: must be exactly one line."""
+    lines = [ln for ln in err.splitlines() if ln and not ln.startswith(("step ", "training "))]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the FAULT run without interruption, on 2 workers."""
+    path = tmp_path_factory.mktemp("full")
+    text = path / "text.txt"
+    text.write_text("<|user|>hi<|bot|>hello there<|end|>\n<|user|>bye<|bot|>see you<|end|>\n" * 40, encoding="utf-8")
+    assert T.main(run_args(path, text, *FAULT)) == 0
+    return load_model(path / "w.npz").flat, [r["train_loss"] for r in read_log(path / "log.csv")]
+
+
+def _resumed_equals(tmp_path, text_file, uninterrupted, saved, *flags):
+    assert T.load_checkpoint(tmp_path / "ck.npz")[5]["step"] == saved
+    assert len(read_log(tmp_path / "log.csv")) == saved
+    assert T.main(run_args(tmp_path, text_file, *FAULT, "--resume", *flags)) == 0
+    assert np.array_equal(load_model(tmp_path / "w.npz").flat, uninterrupted[0])
+    assert [r["train_loss"] for r in read_log(tmp_path / "log.csv")] == uninterrupted[1]
+
+
+def test_a_killed_worker_saves_the_last_step_and_resume_is_bitwise(tmp_path, text_file, uninterrupted):
+    proc, pids = _run_until(tmp_path, text_file, [])
+    os.kill(pids[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    line = _the_one_line(err)
+    m = re.fullmatch(rf"train: error: worker 1 \(pid {pids[1]}\) was killed by SIGKILL during step (\d+); "
+                     rf"saved step (\d+) to \S+; continue with --resume", line)
+    assert m, line
+    failed, saved = int(m[1]), int(m[2])
+    assert failed == saved + 1 and saved >= 8
+    assert not (tmp_path / "w.npz").exists()
+    _resumed_equals(tmp_path, text_file, uninterrupted, saved)
+
+
+def test_a_stopped_worker_times_out_and_resume_on_one_worker_is_bitwise(tmp_path, text_file, uninterrupted):
+    proc, pids = _run_until(tmp_path, text_file, ["--worker-timeout", "3"])  # margin for a loaded machine
+    try:
+        os.kill(pids[0], signal.SIGSTOP)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if os.path.exists(f"/proc/{pids[0]}") and "zombie" not in open(f"/proc/{pids[0]}/status").read():
+            os.kill(pids[0], signal.SIGKILL)
+            raise AssertionError("train.py left its stopped worker behind")
+    assert proc.returncode == 1, err
+    line = _the_one_line(err)
+    m = re.fullmatch(rf"train: error: worker 0 \(pid {pids[0]}\) gave no answer in 3 s during step (\d+); "
+                     rf"saved step (\d+) to \S+; continue with --resume", line)
+    assert m, line
+    _resumed_equals(tmp_path, text_file, uninterrupted, int(m[2]), "--workers", "1")
+
+
+def test_sigterm_is_acted_on_while_a_worker_is_stuck(tmp_path, text_file, uninterrupted):
+    """The issue's case: a worker SIGSTOPped, then SIGTERM to train.py: 143 after the stop grace (5 s)."""
+    proc, pids = _run_until(tmp_path, text_file, [])
+    os.kill(pids[0], signal.SIGSTOP)
+    time.sleep(0.5)  # a step takes milliseconds: by now train.py waits for worker 0 in the middle of a step
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    line = _the_one_line(err)
+    m = re.fullmatch(rf"train: SIGTERM at step (\d+): worker 0 \(pid {pids[0]}\) had not answered; "
+                     rf"call abandoned; checkpoint saved to \S+; continue with --resume", line)
+    assert m, line
+    _resumed_equals(tmp_path, text_file, uninterrupted, int(m[1]), "--workers", "3")
+
+
+def test_a_run_is_bitwise_the_same_whatever_the_workers(tmp_path, text_file, uninterrupted):
+    """The issue's reproduction: 2 workers throughout, against 1 and 3 workers, and a resume with another count."""
+    for workers in ("1", "3"):
+        d = tmp_path / workers
+        assert T.main(run_args(d, text_file, *FAULT, "--workers", workers)) == 0
+        assert np.array_equal(load_model(d / "w.npz").flat, uninterrupted[0])
+    d = tmp_path / "resumed"
+    assert T.main(run_args(d, text_file, *FAULT, "--max-steps", "17", "--workers", "2")) == 0
+    assert T.main(run_args(d, text_file, *FAULT, "--resume", "--workers", "1")) == 0
+    assert np.array_equal(load_model(d / "w.npz").flat, uninterrupted[0])
+
+
+def _steps_per_epoch(text_file, B=4, T=16):
+    train_text, _ = split_text(text_file.read_text(encoding="utf-8"), 0.1)
+    return len(train_text) // (B * T)
+
+
+def _lrs(path):
+    return [float(r["lr"]) for r in read_log(path / "log.csv")]
+
+
+def test_max_steps_is_the_total_and_the_schedule_spans_it(tmp_path):
+    """--max-steps alone: that many steps even where the default 8 epochs are fewer; cosine reaches --min-lr."""
+    data = tmp_path / "d.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog\n" * 20, encoding="utf-8")  # 8 epochs: 96 steps
+    assert T.main(run_args(tmp_path, data, "--max-steps", "120", "--schedule", "cosine", "--lr", "1e-2")) == 0
+    lrs = _lrs(tmp_path)
+    assert len(lrs) == 120
+    assert lrs == [float(f"{T.lr_at(i, 1e-2, 120, schedule='cosine'):.6g}") for i in range(120)]
+
+
+def test_epochs_and_max_steps_together(tmp_path, text_file):
+    """Both: the schedule spans the epochs, the run stops at --max-steps."""
+    assert T.main(run_args(tmp_path, text_file, "--epochs", "1", "--max-steps", "5", "--schedule", "linear")) == 0
+    spe = _steps_per_epoch(text_file)
+    assert _lrs(tmp_path) == [float(f"{T.lr_at(i, 3e-3, spe, schedule='linear'):.6g}") for i in range(5)]
+    state = T.load_checkpoint(tmp_path / "ck.npz")[5]
+    assert state["hparams"]["epochs"] == 1 and state["hparams"]["max_steps"] == 5
+
+
+def test_a_finished_run_is_extended_by_max_steps_or_epochs(tmp_path, text_file, capsys):
+    """Each extension ends bitwise where a run that long from the start ends (constant lr: same schedule)."""
+    straight, ext = tmp_path / "straight", tmp_path / "ext"
+    assert T.main(run_args(straight, text_file, "--max-steps", "10")) == 0
+    assert T.main(run_args(ext, text_file, "--max-steps", "6")) == 0
+    assert T.main(run_args(ext, text_file, "--resume", "--max-steps", "10")) == 0
+    assert np.array_equal(load_model(straight / "w.npz").flat, load_model(ext / "w.npz").flat)
+    assert len(read_log(ext / "log.csv")) == 10
+    # --epochs alone: that many epochs in total (the checkpoint's --max-steps is dropped)
+    assert T.main(run_args(straight, text_file, "--epochs", "2")) == 0
+    assert T.main(run_args(ext, text_file, "--resume", "--epochs", "2")) == 0
+    assert np.array_equal(load_model(straight / "w.npz").flat, load_model(ext / "w.npz").flat)
+    assert len(read_log(ext / "log.csv")) == len(read_log(straight / "log.csv")) == 2 * _steps_per_epoch(text_file)
+    # a length the checkpoint is already past is refused, not ignored
+    capsys.readouterr()
+    assert T.main(run_args(ext, text_file, "--resume", "--max-steps", "50")) == 2
+    err = capsys.readouterr().err
+    at = 2 * _steps_per_epoch(text_file)
+    assert err == (f"train: error: --resume: the checkpoint is at step {at}, past the 50 steps asked for; "
+                   "give a larger --max-steps or --epochs\n")
+
+
+def test_resume_applies_an_explicit_lr_even_the_default_one(tmp_path, text_file):
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "4", "--lr", "1e-2")) == 0
+    assert T.main(run_args(tmp_path, text_file, "--resume", "--max-steps", "8")) == 0  # the checkpoint's lr
+    assert T.main(run_args(tmp_path, text_file, "--resume", "--max-steps", "12", "--lr", "3e-3")) == 0  # the default
+    assert T.main(run_args(tmp_path, text_file, "--resume", "--max-steps", "14", "--clip", "0.5")) == 0
+    assert _lrs(tmp_path) == [1e-2] * 8 + [3e-3] * 6  # and the new lr is the checkpoint's from then on
+    hp = T.load_checkpoint(tmp_path / "ck.npz")[5]["hparams"]
+    assert hp["lr"] == 3e-3 and hp["clip"] == 0.5 and hp["max_steps"] == 14
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--d-model", "32"], "--d-model 32 differs from the checkpoint's 16"),
+    (["--context", "8"], "--context 8 differs from the checkpoint's 16"),
+    (["--dropout", "0"], "--dropout 0.0 differs from the checkpoint's 0.1"),
+    (["--norm-first"], "--norm-first True differs from the checkpoint's False"),
+    (["--seed", "1"], "--seed 1 differs from the checkpoint's 0"),
+    (["--val-frac", "0.2"], "--val-frac 0.2 differs from the checkpoint's 0.1"),
+])
+def test_resume_refuses_a_flag_that_changes_the_model_or_the_data(tmp_path, text_file, flags, message, capsys):
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    assert T.main(run_args(tmp_path, text_file, "--resume", "--max-steps", "4", *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train: error: --resume: {message}: ") and err.count("\n") == 1
+    assert len(read_log(tmp_path / "log.csv")) == 2
+
+
+def test_given_flags_sees_flags_equal_to_their_defaults():
+    assert T.given_flags(["--lr", "3e-3", "--resume", "--data=x.txt"]) == {"lr", "resume", "data"}
+    assert T.given_flags([]) == set()
