@@ -1,6 +1,6 @@
 """Training without the machinery: the whole loop over the public API, then a sample.
 
-    python -m tinyllm_np.minimal_train                      # a small model, 200 steps: about 15 s
+    python -m tinyllm_np.minimal_train                      # a small model (161,728 parameters), 200 steps
     python -m tinyllm_np.minimal_train --steps 1000 --engine reference
 
 Sample windows of the text, compute the loss and its gradients, let AdamW take
