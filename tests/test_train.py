@@ -21,13 +21,16 @@ TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "32", 
         "--batch-size", "4", "--quiet"]
 
 
+# eight questions, two answers: a held-out question (data.py's split) has an answer seen in training
+_QA = [(q, "hello there") for q in ("hi", "hey", "hello", "hi there")] + \
+      [(q, "see you") for q in ("bye", "goodbye", "see ya", "bye now")]
+TEXT = "".join(f"<|user|>{q}<|bot|>{a}<|end|>\n" for q, a in _QA) * 10
+
+
 @pytest.fixture
 def text_file(tmp_path):
     p = tmp_path / "text.txt"
-    # eight questions, two answers: a held-out question (data.py's split) has an answer seen in training
-    qa = [(q, "hello there") for q in ("hi", "hey", "hello", "hi there")] + \
-         [(q, "see you") for q in ("bye", "goodbye", "see ya", "bye now")]
-    p.write_text("".join(f"<|user|>{q}<|bot|>{a}<|end|>\n" for q, a in qa) * 10, encoding="utf-8")
+    p.write_text(TEXT, encoding="utf-8")
     return p
 
 
@@ -451,7 +454,7 @@ def uninterrupted(tmp_path_factory):
     """The reference: the FAULT run without interruption, on 2 workers."""
     path = tmp_path_factory.mktemp("full")
     text = path / "text.txt"
-    text.write_text("<|user|>hi<|bot|>hello there<|end|>\n<|user|>bye<|bot|>see you<|end|>\n" * 40, encoding="utf-8")
+    text.write_text(TEXT, encoding="utf-8")  # the text_file fixture's text
     assert T.main(run_args(path, text, *FAULT)) == 0
     return load_model(path / "w.npz").flat, [r["train_loss"] for r in read_log(path / "log.csv")]
 
@@ -535,7 +538,10 @@ def _lrs(path):
 def test_max_steps_is_the_total_and_the_schedule_spans_it(tmp_path):
     """--max-steps alone: that many steps even where the default 8 epochs are fewer; cosine reaches --min-lr."""
     data = tmp_path / "d.txt"
-    data.write_text("the quick brown fox jumps over the lazy dog\n" * 20, encoding="utf-8")  # 8 epochs: 96 steps
+    # distinct lines (a held-out line must not occur in training); 8 epochs would be 104 steps
+    data.write_text("".join(f"the quick brown fox jumps over the lazy dog {i:02d}\n" for i in range(20)),
+                    encoding="utf-8")
+    assert 8 * _steps_per_epoch(data) < 120
     assert T.main(run_args(tmp_path, data, "--max-steps", "120", "--schedule", "cosine", "--lr", "1e-2")) == 0
     lrs = _lrs(tmp_path)
     assert len(lrs) == 120
