@@ -1,6 +1,7 @@
 """What the command-line tools share: usage errors as one line."""
 
 import argparse
+import sys
 
 EXIT_USAGE = 2
 
@@ -24,3 +25,23 @@ class OneLineParser(argparse.ArgumentParser):
             return self.parse_args(argv), None
         except SystemExit as e:
             return None, e.code
+
+
+def run_main(parser, run, user_errors, name, argv=None):
+    """Parse argv, return run(args)'s exit code; the user's errors (``user_errors``, and OSError, e.g.
+    a full disk: the atomic writes leave the old file whole) as ``<name>: error: ...``, exit 2;
+    Ctrl-C as exit 130."""
+    args, code = parser.parse_or_code(argv)
+    if args is None:
+        return code
+    try:
+        return run(args)
+    except user_errors as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"{name}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        return 130

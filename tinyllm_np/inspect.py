@@ -37,7 +37,7 @@ import numpy as np
 
 from . import layers as L
 from .chat import BOT, END, USER, default_weights
-from .cli import EXIT_USAGE, OneLineParser
+from .cli import OneLineParser, run_main
 from .fileio import atomic_write_bytes
 from .model import Config, TinyLLM
 from .weights import WeightsError, load_model
@@ -348,20 +348,7 @@ def run(args):
 
 
 def main(argv=None):
-    args, code = build_parser().parse_or_code(argv)
-    if args is None:
-        return code
-    try:
-        return run(args)
-    except (InspectError, WeightsError) as e:
-        print(f"inspect: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:
-        print(f"inspect: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\ninspect: interrupted", file=sys.stderr)
-        return 130
+    return run_main(build_parser(), run, (InspectError, WeightsError), "inspect", argv)
 
 
 if __name__ == "__main__":

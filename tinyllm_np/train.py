@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from .alloc import reuse_freed_memory
-from .cli import EXIT_USAGE, OneLineParser
+from .cli import OneLineParser, run_main
 from .data import DataError, data_fingerprint, fixed_windows, read_text, sample_batch, split_text
 from .dataset import BOT, END, USER
 from .model import Config, TinyLLM
@@ -453,20 +453,7 @@ def train(args):
 
 
 def main(argv=None):
-    args, code = build_parser().parse_or_code(argv)
-    if args is None:
-        return code
-    try:
-        return train(args)
-    except (TrainError, DataError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # e.g. the disk filled up while saving; the previous file is intact
-        print(f"train: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\ntrain: interrupted", file=sys.stderr)
-        return 130
+    return run_main(build_parser(), train, (TrainError, DataError), "train", argv)
 
 
 if __name__ == "__main__":
