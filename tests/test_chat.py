@@ -84,6 +84,23 @@ def test_stop_filter_holds_back_markers():
     assert f.feed("d") == "" and f.feed("|") == "" and f.feed(">") == "" and f.stopped
 
 
+def test_a_reply_stops_at_every_turn_marker(monkeypatch, shipped):
+    """<|bot|> ends a reply too: a weakly trained model may write one instead of <|end|>."""
+    from tinyllm_np import chat as C
+
+    for marker in (C.END, C.USER, C.BOT):
+        f, shown = StopFilter(), ""
+        for c in "Sure." + marker + "more":
+            shown += f.feed(c)
+            if f.stopped:
+                break
+        assert shown == "Sure." and f.stopped, marker
+    session = ChatSession(shipped, greedy=True)
+    said = [session.tok.stoi[c] for c in "Yes<|bot|>No"]
+    monkeypatch.setattr(C, "generate", lambda *args, **kwargs: iter(said))
+    assert session.reply("Hi") == "Yes" and session.history == [("Hi", "Yes")]
+
+
 def test_bad_weights_path_is_one_line_error(tmp_path):
     code, out, err = chat("--weights", str(tmp_path / "nope.npz"), "--prompt", "hi")
     assert code == 2 and out == "" and err.count("\n") == 1 and "no such file" in err

@@ -141,3 +141,39 @@ def test_sampling():
     assert a == b
     with pytest.raises(ValueError):
         Decoder(small_model()).logits([])
+
+
+# ------------------------------------------------------- a changed text never reads a stale cache
+
+@pytest.mark.parametrize("slide", [None, 1])
+def test_decoder_notices_a_changed_text(slide):
+    """Same-length, longer and shorter changed texts, and a change in the middle: always the full forward's logits.
+
+    Before the decoder compared its cached tokens, [1,2,3] then [4,5,6] differed from a full forward by 3.0.
+    """
+    model = small_model(context=8)
+    dec = Decoder(model, slide=slide)
+    texts = [[1, 2, 3], [4, 5, 6], [4, 5, 6, 7], [1, 2, 3, 4, 5], [1, 2, 9, 4, 5], [1, 2, 9, 4, 5, 6],
+             [1, 2, 9, 4, 5, 7], [7], [7, 1], [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [7, 1, 2, 3, 4, 5, 6, 7, 8, 0, 10],
+             [3, 1, 2, 3, 4, 5, 6, 7, 8, 0, 10], [4, 5, 6]]
+    for ids in texts:
+        s = len(ids) - 8 if slide == 1 and len(ids) > 8 else (4 if len(ids) > 8 else 0)  # the window rule
+        want = model.forward(np.array([ids[s:]]))[0, -1]
+        np.testing.assert_allclose(dec.logits(ids), want, rtol=1e-10, atol=1e-10, err_msg=str(ids))
+
+
+def test_decoder_reruns_only_from_the_first_changed_token(monkeypatch):
+    """An append is one decode_step; a change at position i re-runs positions i.. only, as one prefill."""
+    model = small_model()
+    calls = []
+    orig_step, orig_prefill = model.decode_step, model.forward_cached
+    monkeypatch.setattr(model, "decode_step", lambda t, pos, c: calls.append(("step", pos)) or orig_step(t, pos, c))
+    monkeypatch.setattr(model, "forward_cached",
+                        lambda idx, c, pos, last=False: calls.append(("prefill", pos, idx.shape[1]))
+                        or orig_prefill(idx, c, pos, last=last))
+    dec = Decoder(model)
+    dec.logits([1, 2, 3, 4, 5])
+    dec.logits([1, 2, 3, 4, 5, 6])
+    dec.logits([1, 2, 9, 4, 5, 6])
+    dec.logits([1, 2, 9, 4, 5, 6])
+    assert calls == [("prefill", 0, 5), ("step", 5), ("prefill", 2, 4), ("step", 5)]

@@ -1,13 +1,21 @@
-"""Finite-difference gradient checks: every layer, the whole model, and proof the checks can fail."""
+"""Finite-difference gradient checks: every layer and the whole model on both engines, and proof the checks can fail."""
 
 import numpy as np
 import pytest
 
 from tinyllm_np import gradcheck as gc
 from tinyllm_np import layers as L
+from tinyllm_np import reference as R
 
-LAYER_CASES = [n for n in gc.CASES if not n.startswith("model_")]
-MODEL_CASES = [n for n in gc.CASES if n.startswith("model_")]
+LAYER_CASES = [n for n in gc.CASES if "model_" not in n]
+MODEL_CASES = [n for n in gc.CASES if "model_" in n]
+
+
+def test_both_engines_are_checked():
+    assert {"attention", "ref_attention", "ref_softmax", "model_postnorm_relu", "ref_model_postnorm_relu"} <= set(gc.CASES)
+    for name in gc.CASES:
+        if not name.startswith("ref_") and name != "ref_softmax":
+            assert "ref_" + name in gc.CASES, name  # every fast check has its reference twin
 
 
 @pytest.mark.parametrize("name", LAYER_CASES)
@@ -28,8 +36,9 @@ def test_model_gradients_match_finite_differences(name):
         assert err.max_entry < 1e-4, f"{name}/{param}: max per-entry relative error {err.max_entry:.2e}"
 
 
-def test_model_gradients_without_dropout():
-    for param, err in gc.check_model(dropout=False, seed=3).items():
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_model_gradients_without_dropout(engine):
+    for param, err in gc.check_model(dropout=False, seed=3, engine=engine).items():
         assert err.rel < gc.TOLERANCE, f"{param}: relative error {err.rel:.2e}"
 
 
@@ -188,7 +197,51 @@ def test_cli_fails_on_broken_backward(monkeypatch, capsys):
     rel, max_entry, verdict = rows["layernorm", "x"]
     assert verdict == "FAIL" and rel > 1e-3 and max_entry > 0.1
     assert rows["layernorm", "weight"][2] == "pass" and rows["layernorm", "weight"][1] < 1e-6
-    assert "1 of 3 gradients FAILED" in out
+    assert "1 of 3 gradients failed the check (pass means rel. error < 1e-07)" in out
+
+
+# ------------------------------------------------ --break: mistakes on purpose, in the reference
+
+@pytest.mark.parametrize("name", list(gc.BREAKS))
+def test_each_break_fails_its_check_and_is_undone(name):
+    checks, owner, attr, wrong = gc.BREAKS[name]
+    right = getattr(owner, attr)
+    results = gc.run_broken(name)
+    assert set(results) == set(checks)
+    failed = [(check, param) for check, errors in results.items() for param, err in errors.items() if not err.ok]
+    assert failed, f"--break {name}: every gradient still passes"
+    assert max(err.rel for errors in results.values() for err in errors.values()) > 1e-3
+    assert getattr(owner, attr) is right  # swapped in for that run only
+    for check in checks:  # and without it the same checks pass
+        assert all(err.ok for err in gc.CASES[check]().values()), check
+
+
+def test_breaks_spoil_only_what_depends_on_the_mistake():
+    """The table says where a mistake is: the gradients upstream of it fail, the rest pass."""
+    attention = gc.run_broken("attention_scale")["ref_attention"]
+    assert not attention["x"].ok and not attention["in_proj_weight"].ok
+    assert attention["out_proj.weight"].ok and attention["out_proj.bias"].ok
+    model = gc.run_broken("residual")["ref_model_postnorm_relu"]
+    assert not model["layers.1.norm1.weight"].ok and not model["tok_emb.weight"].ok
+    assert model["layers.1.linear2.weight"].ok and model["head.weight"].ok  # above the forgotten residual
+
+
+def test_cli_break(capsys):
+    assert gc.main(["--break", "list"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listing] == list(gc.BREAKS)
+    assert all(len(line.split()) > 3 for line in listing)  # each with its explanation
+    assert gc.main(["--break", "layernorm_variance"]) == 0  # the check caught it: the run did its job
+    out = capsys.readouterr().out
+    _, rows = _table(out)
+    assert set(rows) == {("ref_layernorm", "x"), ("ref_layernorm", "weight"), ("ref_layernorm", "bias")}
+    assert rows["ref_layernorm", "x"][2] == "FAIL" and rows["ref_layernorm", "weight"][2] == "pass"
+    assert "broken on purpose (layernorm_variance)" in out
+    assert "1 of 3 gradients failed the check (pass means rel. error < 1e-07)" in out
+    assert gc.main(["--break", "nope"]) == 2
+    assert gc.main(["--break", "residual", "--layer", "ref_linear"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.startswith("gradcheck: error: unknown mistake 'nope'")
 
 
 def test_check_catches_ffn_backward_that_forgets_dropout():
@@ -201,3 +254,14 @@ def test_check_catches_ffn_backward_that_forgets_dropout():
     assert gc.case_ffn_gelu(backward=no_mask)["x"].rel > 1e-3
     unmasked = lambda dout, c: L.ffn_backward(dout, (c[0], np.ones_like(c[1])) + c[2:])  # noqa: E731  ReLU's too
     assert gc.case_ffn_relu(backward=unmasked)["x"].rel > 1e-3
+
+
+def test_every_break_the_docs_name_exists():
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in ("tinyllm_np/reference.py", "docs/tour.md"):
+        text = open(os.path.join(root, path), encoding="utf-8").read()
+        named = set(re.findall(r"--break\s+`?(\w+)", text)) - {"NAME", "list"}
+        assert named and named <= set(gc.BREAKS), (path, named - set(gc.BREAKS))

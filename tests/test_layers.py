@@ -102,3 +102,91 @@ def test_attention_forward_applies_dropout_as_the_textbook():
     y = (A * keep * L.dropout_scale(p, x.dtype)) @ v  # (B,H,T,D)
     want = y.transpose(0, 2, 1, 3).reshape(B, T, C) @ w_out.T + b_out
     np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------- dropout against p itself, not against the code's own helpers
+# N Bernoulli(p) drops: the drop fraction has standard deviation sqrt(p(1-p)/N), and the mean of
+# dropout(1) = keep/(1-p) has sqrt(p/((1-p)N)).  Each check allows Z = 5 of them (a false alarm once
+# in ~1.7 million runs for a correct p; the seeds are fixed anyway).  The masks really drop at
+# round(p*65536)/65536, within 7.7e-6 of p: far inside these tolerances.  A drop rate of p/3 is off
+# by hundreds of standard deviations, a scale of 1 by (1-p)/(1-p) * p / sd, likewise.
+
+Z = 5.0
+P_DROP = (0.1, 0.5)
+
+
+def _drop_stats(out, expected_kept, p, where=None):
+    """Assert: zeros among ``where`` ~ p, survivors == expected_kept / (1-p), mean ~ expected_kept."""
+    kept = np.broadcast_to(expected_kept, out.shape)
+    out, kept = (out[where], kept[where]) if where is not None else (out.ravel(), kept.ravel())
+    N = out.size
+    dropped = out == 0
+    frac = dropped.mean()
+    assert abs(frac - p) < Z * np.sqrt(p * (1 - p) / N), f"drop fraction {frac:.5f} for p = {p}, N = {N}"
+    np.testing.assert_allclose(out[~dropped], kept[~dropped] / (1 - p), rtol=1e-5)  # the survivors' scale
+    ratio = (out / kept).mean()  # E[keep / (1-p)] = 1
+    assert abs(ratio - 1) < Z * np.sqrt(p / ((1 - p) * N)), f"E[dropout(x)]/x = {ratio:.5f} for p = {p}"
+
+
+def test_dropout_drops_at_rate_p_and_keeps_the_mean():
+    """dropout_forward on 2^20 entries: drop fraction ~ p, survivors x/(1-p), E[dropout(x)] ~ x."""
+    rng = np.random.default_rng(11)
+    x = rng.uniform(0.5, 2.0, (1024, 1024)).astype(np.float32)
+    for p in P_DROP:
+        out, _ = L.dropout_forward(x, p, np.random.default_rng(int(p * 100)))
+        _drop_stats(out, x, p)
+
+
+def test_attention_dropout_drops_attention_weights_at_rate_p():
+    """Attention as the model calls it (query blocks, folded scale).  With zero q/k weights every query
+    attends uniformly, A[i, j] = 1/(i+1) for j <= i, and with one-hot inputs, v = identity rows and an
+    identity output projection, the output row i IS dropout(A)[i, :]: its zeros are the dropped weights."""
+    B, T, H = 4096, 8, 1
+    C = T
+    x = np.broadcast_to(np.eye(T), (B, T, C)).copy()  # token t is e_t
+    w_in = np.zeros((3 * C, C))
+    w_in[2 * C:] = np.eye(C)  # v_t = e_t; q = k = 0
+    b_in, w_out, b_out = np.zeros(3 * C), np.eye(C), np.zeros(C)
+    A = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]
+    plain, _ = L.attention_forward(x[:1], w_in, b_in, w_out, b_out, H)
+    np.testing.assert_allclose(plain[0], A, rtol=1e-12)  # the construction does expose A
+    causal = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, T, T))
+    for p in P_DROP:
+        out, _ = L.attention_forward(x, w_in, b_in, w_out, b_out, H, p, np.random.default_rng(int(p * 100)))
+        assert np.all(out[~causal] == 0)  # the future stays hidden
+        _drop_stats(out, np.broadcast_to(A, out.shape), p, where=causal)
+
+
+def test_ffn_dropout_drops_hidden_units_at_rate_p():
+    """The FFN as the model calls it (merged ReLU/dropout mask, scale folded into w2).  w1 = 0 and
+    b1 = +-1 make the hidden layer +-1; with w2 = identity the output is dropout(act(h)): ReLU units
+    (h = -1) always 0, the others dropped at rate p and scaled by 1/(1-p)."""
+    B, T, C = 64, 128, 64
+    x = np.zeros((B, T, C))
+    w1, w2, b2 = np.zeros((C, C)), np.eye(C), np.zeros(C)
+    b1 = np.where(np.arange(C) % 2 == 0, 1.0, -1.0)
+    on = np.broadcast_to(b1 > 0, (B, T, C))
+    for activation in ("relu", "gelu"):
+        act = L.ACTIVATIONS[activation][0](b1.copy())[0]
+        plain, _ = L.ffn_forward(x[:1, :1], w1, b1, w2, b2, activation)
+        np.testing.assert_allclose(plain[0, 0], act, rtol=1e-12)
+        for p in P_DROP:
+            out, _ = L.ffn_forward(x, w1, b1, w2, b2, activation, p, np.random.default_rng(int(p * 100)))
+            if activation == "relu":
+                assert np.all(out[~on] == 0)  # ReLU's zeros are not dropout's to count
+                _drop_stats(out, np.broadcast_to(act, out.shape), p, where=on)
+            else:  # gelu(-1) = -0.159 is not zero: every unit can be dropped
+                _drop_stats(out, np.broadcast_to(act, out.shape), p)
+
+
+def test_model_ffn_calls_the_checked_relu(monkeypatch):
+    """The FFN's ReLU is relu_forward/relu_backward, the functions gradcheck's "relu" row checks."""
+    from tinyllm_np import Config, TinyLLM
+    calls = []
+    fwd, bwd = L.relu_forward, L.relu_backward
+    monkeypatch.setattr(L, "relu_forward", lambda *a, **k: calls.append("f") or fwd(*a, **k))
+    monkeypatch.setattr(L, "relu_backward", lambda *a, **k: calls.append("b") or bwd(*a, **k))
+    model = TinyLLM(Config(vocab_size=11, d_model=8, n_layers=3, n_heads=2, d_ff=16, context=8, dropout=0.2))
+    idx = np.zeros((2, 5), np.int64)
+    model.loss_and_grads(idx, idx, train=True)
+    assert calls == ["f"] * 3 + ["b"] * 3  # one forward and one backward per layer

@@ -1,12 +1,13 @@
 """Data parallelism: micro-batches on worker processes give the full batch's loss and gradients."""
 
 import os
+import signal
 
 import numpy as np
 import pytest
 
 from tinyllm_np import Config, TinyLLM, load_model
-from tinyllm_np.parallel import DataParallel, blas_threads, micro_batches, split_batch
+from tinyllm_np.parallel import DataParallel, Interrupted, WorkerError, blas_threads, micro_batches, split_batch
 from tinyllm_np.train import main as train_main
 
 SMALL = dict(vocab_size=11, d_model=16, n_heads=2, d_ff=24, n_layers=2, context=8)
@@ -89,16 +90,39 @@ def test_dropout_masks_come_from_generators_seeded_by_model_rng():
 
 @pytest.mark.parametrize("workers", [2, 3])
 def test_the_number_of_workers_does_not_change_the_numbers(workers):
-    """With dropout on: the masks belong to micro-batches, not workers; only float rounding may differ."""
+    """With dropout on, float32, 4 micro-batches: the slots are added in micro-batch order, so bitwise."""
     results = []
     for w in (1, workers):
-        model = small_model()
+        model = small_model(dtype=np.float32)
         idx, tgt = batch(8)
         with DataParallel(model, w, micro_batch=2) as dp:
-            results.append(dp.loss_and_grads(idx, tgt, train=True))
-    (l1, g1), (l2, g2) = results
-    assert l2 == pytest.approx(l1, rel=1e-13)
-    assert max_diff(g1, g2) < 1e-13 * max(float(np.abs(g).max()) for g in g1.values())
+            results.append([dp.loss_and_grads(idx, tgt, train=True) for _ in range(2)] + [(dp.loss(idx, tgt), None)])
+    for (l1, g1), (l2, g2) in zip(*results):
+        assert l1 == l2
+        assert g1 is None or all(np.array_equal(g1[k], g2[k]) for k in g1)
+    # and the sum is not the one a per-worker accumulation would give, or this would prove little:
+    # (g0 + g1) + (g2 + g3) differs from ((g0 + g1) + g2) + g3 in some bits
+    model = small_model(dtype=np.float32)
+    idx, tgt = batch(8)
+    seeds = np.random.default_rng(0).integers(0, 2 ** 63, size=4)
+    g = [model.loss_and_grads(idx[s], tgt[s], train=True, rng=np.random.default_rng(sd), weight=0.25)[1]
+         for s, sd in zip(micro_batches(8, 2), seeds)]
+    flat = [np.concatenate([v.ravel() for v in gk.values()]) for gk in g]
+    ours = np.concatenate([v.ravel() for v in results[0][0][1].values()])
+    assert np.array_equal(ours, ((flat[0] + flat[1]) + flat[2]) + flat[3])
+    assert not np.array_equal(ours, (flat[0] + flat[1]) + (flat[2] + flat[3]))
+
+
+def test_a_batch_larger_than_the_buffers_restarts_the_workers_with_room():
+    model = small_model(dtype=np.float32)
+    idx, tgt = batch(8)
+    with DataParallel(model, 2, micro_batch=2, batch_size=4) as dp:
+        before = dp.pids()
+        loss, grads = dp.loss_and_grads(idx, tgt)
+        assert dp.pids() != before and len(dp.pids()) == 2
+    with DataParallel(model, 1, micro_batch=2) as dp:
+        loss1, grads1 = dp.loss_and_grads(idx, tgt)
+    assert loss == loss1 and all(np.array_equal(grads[k], grads1[k]) for k in grads)
 
 
 def test_training_steps_are_reproducible():
@@ -144,8 +168,67 @@ def test_a_killed_worker_is_reported_not_waited_for():
         dp.loss(*batch(4))
         dp._procs[1].kill()
         dp._procs[1].join()
-        with pytest.raises(RuntimeError, match="stopped"):
+        with pytest.raises(WorkerError, match=r"worker 1 \(pid \d+\) was killed by SIGKILL"):
             dp.loss(*batch(4))
+
+
+def _gone(pids):
+    return all(not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+               for pid in pids)
+
+
+def test_a_worker_killed_while_it_is_awaited_is_reported_at_once():
+    """Worker 0 SIGSTOPped (so the call surely waits for it), then SIGKILLed 0.3 s into the call."""
+    import threading
+    import time
+
+    model = small_model()
+    with DataParallel(model, 2, micro_batch=2, timeout=60) as dp:
+        dp.loss(*batch(4))
+        pids, flat = dp.pids(), model.flat.copy()
+        os.kill(pids[0], signal.SIGSTOP)
+        threading.Timer(0.3, os.kill, (pids[0], signal.SIGKILL)).start()
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=rf"^worker 0 \(pid {pids[0]}\) was killed by SIGKILL$") as e:
+            dp.loss_and_grads(*batch(4), train=True)
+        assert time.monotonic() - t0 < 10  # the sentinel, not the 60 s timeout
+        assert (e.value.worker, e.value.pid) == (0, pids[0])
+        assert dp.closed and _gone(pids)
+        assert np.array_equal(model.flat, flat)
+
+
+def test_a_stuck_worker_times_out_with_its_name():
+    import time
+
+    # 3 s: far more than the healthy worker needs even on a loaded machine, so only the stopped one is named
+    with DataParallel(small_model(), 2, micro_batch=2, timeout=3.0) as dp:
+        dp.loss(*batch(4))
+        pids = dp.pids()
+        os.kill(pids[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=rf"^worker 1 \(pid {pids[1]}\) gave no answer in 3 s$"):
+            dp.loss(*batch(4))
+        assert 3.0 <= time.monotonic() - t0 < 15
+        assert dp.closed and _gone(pids)  # SIGKILL ends a stopped process too
+
+
+def test_the_stop_flag_is_polled_while_waiting():
+    """A stop request ends the wait for a stuck worker after stop_grace; healthy workers may finish the call."""
+    import time
+
+    requested = []
+    model = small_model()
+    with DataParallel(model, 2, micro_batch=2, timeout=60, stop=lambda: bool(requested), stop_grace=0.3) as dp:
+        dp.loss(*batch(4))
+        requested.append(True)
+        assert dp.loss(*batch(4)) == pytest.approx(model.loss(*batch(4)), rel=1e-13)  # answered in time
+        pids = dp.pids()
+        os.kill(pids[0], signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted, match=rf"worker 0 \(pid {pids[0]}\) had not answered"):
+            dp.loss(*batch(4))
+        assert time.monotonic() - t0 < 5
+        assert dp.closed and _gone(pids)
 
 
 def test_a_worker_error_is_raised_here_and_the_workers_carry_on():
@@ -203,6 +286,9 @@ class _RecvInterrupted:
 
     def recv(self):
         raise KeyboardInterrupt
+
+    def fileno(self):  # waited on with multiprocessing.connection.wait
+        return self.conn.fileno()
 
     def close(self):
         self.conn.close()

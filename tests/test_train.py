@@ -21,7 +21,10 @@ TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "32", 
 @pytest.fixture
 def text_file(tmp_path):
     p = tmp_path / "text.txt"
-    p.write_text("<|user|>hi<|bot|>hello there<|end|>\n<|user|>bye<|bot|>see you<|end|>\n" * 40, encoding="utf-8")
+    # eight questions, two answers: a held-out question (data.py's split) has an answer seen in training
+    qa = [(q, "hello there") for q in ("hi", "hey", "hello", "hi there")] + \
+         [(q, "see you") for q in ("bye", "goodbye", "see ya", "bye now")]
+    p.write_text("".join(f"<|user|>{q}<|bot|>{a}<|end|>\n" for q, a in qa) * 10, encoding="utf-8")
     return p
 
 
@@ -49,6 +52,28 @@ def test_short_training_run_lowers_the_loss(tmp_path, text_file):
     assert model.config.d_model == 16 and model.dtype == np.float32
 
 
+def test_engine_flag_trains_on_the_reference_layers_to_the_same_losses(tmp_path, text_file, monkeypatch):
+    """--engine reference reaches the model (the workers build their own, see test_reference); same losses."""
+    made = []
+    real = T.TinyLLM
+
+    def spy(*args, **kwargs):
+        made.append(kwargs.get("engine"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "TinyLLM", spy)
+    losses = {}
+    for engine in ("fast", "reference"):
+        assert T.main(run_args(tmp_path / engine, text_file, "--max-steps", "5", "--engine", engine,
+                               "--workers", "1")) == 0
+        losses[engine] = np.array([float(r["train_loss"]) for r in read_log(tmp_path / engine / "log.csv")])
+    assert made == ["fast", "reference"]
+    assert np.abs(losses["fast"] - losses["reference"]).max() < 1e-4
+    assert T.main(run_args(tmp_path / "reference", text_file, "--max-steps", "6", "--resume",
+                           "--engine", "reference", "--workers", "1")) == 0  # the engine is not in the checkpoint
+    assert made[-1] == "reference"
+
+
 def test_resume_is_bitwise_identical(tmp_path, text_file):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--lr", "5e-3", "--warmup", "5", "--clip", "1.0", "--ckpt-every", "7"]  # constant lr: the total differs
@@ -63,14 +88,20 @@ def test_resume_is_bitwise_identical(tmp_path, text_file):
     assert la == lb and len(la) == 30
 
 
-def test_resume_keeps_the_checkpoints_micro_batch_and_batch_size(tmp_path, text_file):
-    """--micro-batch changes the dropout masks, so a resumed run must keep the checkpoint's value."""
+def test_resume_refuses_another_micro_batch_or_batch_size(tmp_path, text_file, capsys):
+    """--micro-batch changes the dropout masks, --batch-size the steps: on --resume they must be the checkpoint's."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert T.main(run_args(a, text_file, "--max-steps", "20", "--micro-batch", "2")) == 0
     assert T.main(run_args(b, text_file, "--max-steps", "8", "--micro-batch", "2")) == 0
-    # the command line also asks for another batch size and micro-batch: the checkpoint's recipe wins
-    assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume", "--micro-batch", "1",
-                           "--batch-size", "2")) == 0
+    capsys.readouterr()
+    for flags, message in ((["--micro-batch", "1"], "--micro-batch 1 differs from the checkpoint's 2"),
+                           (["--batch-size", "2"], "--batch-size 2 differs from the checkpoint's 4")):
+        assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume", *flags)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("train: error: --resume: " + message) and err.count("\n") == 1
+    # the same values given again are what runs; omitted, the checkpoint's run too
+    assert T.main(run_args(b, text_file, "--max-steps", "14", "--resume", "--micro-batch", "2")) == 0
+    assert T.main(run_args(b, text_file, "--max-steps", "20", "--resume")) == 0
     assert np.array_equal(load_model(a / "w.npz").flat, load_model(b / "w.npz").flat)
     # and the two settings really differ, or this test would prove nothing
     c = tmp_path / "c"
@@ -87,8 +118,7 @@ def test_resume_of_a_checkpoint_from_before_micro_batches(tmp_path, text_file):
     del state["hparams"]["micro_batch"]
     state["hparams"]["workers"] = 2  # batch 4 over 2 workers: micro-batches of 2
     old = TinyLLM(config, chars=chars)
-    for k, p in params.items():
-        old.params[k][...] = p
+    old.load_state_dict(params)
     T.save_checkpoint(b / "ck.npz", old, SimpleNamespace(m=m, v=v), state)
     assert T.main(run_args(b, text_file, "--max-steps", "12", "--resume", "--workers", "1")) == 0
     assert np.array_equal(load_model(a / "w.npz").flat, load_model(b / "w.npz").flat)
@@ -132,7 +162,7 @@ def test_a_signal_saves_a_checkpoint_even_when_the_workers_get_it_too(tmp_path, 
         proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
-    assert proc.returncode == (0 if signum == signal.SIGTERM else 130), err
+    assert proc.returncode == (143 if signum == signal.SIGTERM else 130), err
     assert f"{name} at step" in err and "Traceback" not in err, err
     load_model(tmp_path / "ck.npz")  # a valid checkpoint
 
@@ -320,8 +350,52 @@ def test_default_out_leaves_the_shipped_weights_alone(tmp_path, text_file, monke
     assert (tmp_path / "runs" / "tinyllm.npz").exists() and not (tmp_path / "weights").exists()
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == "train: chat with it: python chat.py --weights runs/tinyllm.npz"
-    # text without the chat markers: a model that cannot chat gets no such hint
+    # text without the chat markers: a model that cannot chat is pointed to the sampler instead
     plain = tmp_path / "plain.txt"
-    plain.write_text("abcdefgh\n" * 100, encoding="utf-8")
+    plain.write_text("".join(f"line {i}: abcdefgh\n" for i in range(100)), encoding="utf-8")
     assert T.main(["--data", str(plain), *loud, "--max-steps", "2", "--out", "w b.npz"]) == 0
-    assert (tmp_path / "w b.npz").exists() and "chat.py" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (tmp_path / "w b.npz").exists() and "chat.py" not in err
+    assert err.splitlines()[-1] == "train: sample from it: python -m tinyllm_np.sample --weights 'w b.npz'"
+
+
+def test_bits_per_character_in_progress_log_and_summary(tmp_path, text_file, capsys):
+    loud = [a for a in run_args(tmp_path, text_file) if a != "--quiet"]
+    assert T.main([*loud, "--max-steps", "10", "--eval-every", "5", "--log-every", "1"]) == 0
+    err = capsys.readouterr().err
+    with open(tmp_path / "log.csv", newline="") as f:
+        header = f.readline().strip().split(",")
+    assert header == ["step", "epoch", "lr", "train_loss", "grad_norm", "eval_train_loss", "val_loss", "tok_per_s",
+                      "elapsed_s", "train_bpc", "eval_train_bpc", "val_bpc"]  # new columns after the old ones
+    rows = read_log(tmp_path / "log.csv")
+    for r in rows:
+        assert float(r["train_bpc"]) == pytest.approx(float(r["train_loss"]) / np.log(2), abs=2e-6)
+    last = rows[-1]
+    tr, va = float(last["eval_train_loss"]), float(last["val_loss"])
+    assert float(last["val_bpc"]) == pytest.approx(va / np.log(2), abs=2e-6)
+    assert float(last["eval_train_bpc"]) == pytest.approx(tr / np.log(2), abs=2e-6)
+    step10 = [l for l in err.splitlines() if l.startswith("step 10/10")][0]
+    assert f"loss {float(last['train_loss']):.4f} ({float(last['train_loss']) / np.log(2):.3f} bpc)" in step10
+    assert f"val {va:.4f} ({va / np.log(2):.3f} bpc)" in step10
+    assert (f"final: held-out validation loss {va:.4f} nats/char = {va / np.log(2):.3f} bpc; training windows "
+            f"(memorised, eval mode) {tr:.4f} = {tr / np.log(2):.3f} bpc") in err.splitlines()
+
+
+def test_resume_is_bitwise_when_the_ids_file_is_damaged_or_gone(tmp_path, text_file, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--lr", "5e-3", "--ckpt-every", "6"]
+    assert T.main(run_args(a, text_file, "--max-steps", "18", *common)) == 0
+    assert T.main(run_args(b, text_file, "--max-steps", "6", *common)) == 0
+    ids = b / "ck.ids"  # beside the checkpoint ck.npz
+    raw = bytearray(ids.read_bytes())
+    header_bytes = int(raw[:100].split(b"\n")[0].split()[-1])
+    raw[header_bytes:header_bytes + 200:2] = bytes(x ^ 1 for x in raw[header_bytes:header_bytes + 200:2])
+    ids.write_bytes(bytes(raw))  # training ids, damaged but still in the vocabulary's range
+    loud = [x for x in run_args(b, text_file, "--max-steps", "12", "--resume") if x != "--quiet"]
+    assert T.main(loud) == 0
+    assert "rebuilt: the old file was damaged (the ids' sha256 differs)" in capsys.readouterr().err
+    ids.unlink()
+    assert T.main(run_args(b, text_file, "--max-steps", "18", "--resume")) == 0
+    assert ids.exists()
+    assert np.array_equal(load_model(a / "w.npz").flat, load_model(b / "w.npz").flat)
+    assert [r["train_loss"] for r in read_log(a / "log.csv")] == [r["train_loss"] for r in read_log(b / "log.csv")]

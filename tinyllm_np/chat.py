@@ -16,13 +16,15 @@ import sys
 
 import numpy as np
 
-from .cli import EXIT_USAGE, OneLineParser
+from .cli import EXIT_USAGE, OneLineParser, stdout_gone
 from .generate import check_slide, generate
 from .weights import WeightsError, load_model
 from .tokenizer import CharTokenizer
 
 USER, BOT, END = "<|user|>", "<|bot|>", "<|end|>"
-STOP_MARKERS = (END, USER)  # a reply ends at <|end|>; <|user|> would mean it ran on into a new turn
+# a reply ends at <|end|>; <|user|> or <|bot|> would mean it ran on into a new turn (a weakly trained
+# model writes a literal <|bot|> mid-reply)
+STOP_MARKERS = (END, USER, BOT)
 HELP = """commands:
   /reset   forget the conversation so far
   /help    show this help
@@ -264,12 +266,8 @@ def _main(argv):
     except KeyboardInterrupt:
         _out("\n")
         return 130
-    except BrokenPipeError:
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        return 0
+    except BrokenPipeError:  # e.g. piped into head: stop quietly
+        return stdout_gone()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What the command-line tools share: usage errors as one line."""
 
 import argparse
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -45,3 +46,15 @@ def run_main(parser, run, user_errors, name, argv=None):
     except KeyboardInterrupt:
         print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
+
+
+def stdout_gone():
+    """After a BrokenPipeError (the reader left, e.g. ``| head``): exit code 0, and no error at exit.
+
+    Python flushes stdout once more at exit; pointed at os.devnull, that flush cannot fail again.
+    """
+    try:
+        sys.stdout = open(os.devnull, "w")
+    except OSError:
+        pass
+    return 0

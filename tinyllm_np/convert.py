@@ -62,8 +62,10 @@ def model_from_state(state, chars, **config_kw):
     if chars is not None and len(chars) != config.vocab_size:
         raise ConvertError(f"{len(chars)} characters but the embedding has {config.vocab_size} rows")
     model = TinyLLM(config, chars=chars)
-    for k in expected:
-        model.params[k][...] = state[k]
+    try:
+        model.load_state_dict(state)
+    except ValueError as e:  # e.g. NaN in a tensor
+        raise ConvertError(str(e)) from None
     return model
 
 

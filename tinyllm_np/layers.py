@@ -1,13 +1,18 @@
-"""Hand-written forward and backward passes, one pair per operation.
+"""The fast engine: the layers of reference.py, rewritten where rewriting was measured to pay.
 
-Every op follows the CS231n convention::
+Every function here computes what the function of the same name in
+``reference.py`` (the textbook engine, which a learner reads first) computes,
+with the same CS231n convention::
 
     out, cache = op_forward(x, ...)
     dx, (dparams...) = op_backward(dout, cache)
 
-``dout`` is dL/d(out), the gradient of the scalar loss L with respect to the op's
-output; the backward returns dL/d(input) for each input.  Shapes use the same
-short names everywhere:
+and the same numbers to float rounding (tests/test_reference.py checks every
+pair, forward and backward, with and without dropout).  Each function's
+docstring says what it computes in reference terms and what its trick buys,
+measured on one micro-batch (B=4, T=128, C=128) unless it says otherwise.
+Where there is no trick to play, the reference's own function is used
+(GELU, the dropout mask).  Shapes use the same short names everywhere:
 
     B batch, T time (sequence length), C model width (d_model), H heads,
     D head size (C // H), F feed-forward width (d_ff), V vocabulary size.
@@ -23,7 +28,8 @@ from functools import lru_cache
 
 import numpy as np
 
-LN_EPS = 1e-5  # PyTorch's nn.LayerNorm / TransformerEncoderLayer default
+from .reference import (LN_EPS, DROPOUT_BITS, dropout_mask, dropout_threshold, gelu_backward,  # noqa: F401
+                        gelu_forward, keep_prob)  # (no trick to play)
 
 
 @lru_cache(maxsize=64)
@@ -34,7 +40,7 @@ def _ones(n, dtype):
 
 
 def row_sums(x2):
-    """Sum of each row of a 2-D array (N,n) -> (N,), computed as x2 @ ones(n).
+    """Sum of each row of a 2-D array (N,n) -> (N,), computed as x2 @ ones(n): x2.sum(axis=1) in the reference.
 
     BLAS's matrix-vector product runs this 4-5x faster than np.add.reduce(x2,
     axis=1) on rows as short as ours (n = 128): NumPy reduces a short row with
@@ -47,12 +53,12 @@ def row_sums(x2):
 # ---------------------------------------------------------------- embedding
 
 def embedding_forward(idx, weight):
-    """out[b, t] = weight[idx[b, t]]:  (B,T) ints, (V,C) -> (B,T,C)."""
+    """out[b, t] = weight[idx[b, t]]:  (B,T) ints, (V,C) -> (B,T,C).  As reference.embedding_forward."""
     return weight[idx], (idx, weight.shape)
 
 
 def embedding_backward(dout, cache):
-    """Embedding lookup is a row selection, so its gradient is a scatter-add.
+    """reference.embedding_backward (a scatter-add, np.add.at) as one matmul.
 
     Forward:  out[b, t, :] = W[idx[b, t], :]
     Backward: dW[v, :] = sum over all (b, t) with idx[b, t] == v of dout[b, t, :]
@@ -73,9 +79,11 @@ def embedding_backward(dout, cache):
 # ------------------------------------------------------------------- linear
 
 def linear_forward(x, w, b=None):
-    """y = x @ w.T + b, PyTorch's nn.Linear layout: w is (out, in).
+    """y = x @ w.T + b, PyTorch's nn.Linear layout: w is (out, in).  reference.linear_forward.
 
-    (..., in) -> (..., out); the matmul runs on the flattened (N, in) view.
+    (..., in) -> (..., out); the matmul runs on the flattened (N, in) view
+    with np.dot, and the bias is added in place.  With linear_backward, a C->F
+    layer's forward and backward on a micro-batch: 6.5 -> 5.6 ms.
     """
     y = np.dot(x.reshape(-1, x.shape[-1]), w.T)  # (N,in) @ (in,out) -> (N,out); np.dot: least call overhead
     if b is not None:
@@ -84,7 +92,7 @@ def linear_forward(x, w, b=None):
 
 
 def linear_backward(dout, cache):
-    """Gradients of y = x @ w.T + b.
+    """reference.linear_backward, with db's column sums as a matrix-vector product (row_sums).
 
     Each output y[n, o] = sum_i x[n, i] w[o, i] + b[o], so
         dx[n, i] = sum_o dout[n, o] w[o, i]     ->  dx = dout @ w
@@ -105,12 +113,10 @@ def linear_backward(dout, cache):
 # ---------------------------------------------------------------- layernorm
 
 def layernorm_forward(x, w, b, eps=LN_EPS):
-    """Normalize each row of the last axis, then scale and shift.
+    """reference.layernorm_forward: y = w * (x - mu) / sqrt(var + eps) + b, mu and var over the last axis.
 
-        mu   = mean(x)                  over the last axis (C)
-        var  = mean((x - mu)^2)         biased, as PyTorch
-        xhat = (x - mu) / sqrt(var + eps)
-        y    = w * xhat + b
+    The sums over C as matrix-vector products (row_sums) or einsum, and xhat
+    built in place: with layernorm_backward, 0.38 -> 0.25 ms a micro-batch.
     """
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (N,C): one row per position
@@ -124,7 +130,9 @@ def layernorm_forward(x, w, b, eps=LN_EPS):
 
 
 def layernorm_backward(dout, cache):
-    """Gradients of y = w * xhat + b with xhat = (x - mu) * rstd.
+    """reference.layernorm_backward (derived there), its sums in BLAS and dx built in place.
+
+    Gradients of y = w * xhat + b with xhat = (x - mu) * rstd.
 
         db = sum over rows of dout
         dw = sum over rows of dout * xhat
@@ -148,48 +156,28 @@ def layernorm_backward(dout, cache):
 
 # -------------------------------------------------------------- activations
 
-def relu_forward(x):
-    """y = max(x, 0).  The cache is the mask [x > 0], one byte an entry.
+def relu_forward(x, keep=None, out=None):
+    """y = x * [x > 0], reference.relu_forward (= max(x, 0) but at x = -inf, NaN there).  The cache is the mask, one byte an entry.
+
+    With ``keep`` (a dropout mask) the cache is [x > 0] & keep and y = relu(x) * keep:
+    ReLU's mask and dropout's in one, so the feed-forward applies both with a
+    single multiply forward and backward.  ``out`` may be x itself when nothing
+    else reads x (the feed-forward's hidden layer).  This is the ReLU the model
+    runs (ffn_forward calls it) and the one gradcheck checks; decode_step, which
+    needs no mask, uses np.maximum and is tested equal to forward instead.
 
     Keeping the mask (rather than rebuilding it from y in the backward) makes
     the backward a single multiply: 150 -> 100 us on a (512,512) array.
     """
-    return np.maximum(x, 0), x > 0
+    mask = x > 0
+    if keep is not None:
+        mask &= keep
+    return np.multiply(x, mask, out=out), mask
 
 
-def relu_backward(dout, cache):
-    """dy/dx is 1 where x > 0 and 0 elsewhere, so dx = dout * [x > 0]."""
-    mask = cache
-    return dout * mask
-
-
-_GELU_K = np.sqrt(2.0 / np.pi)
-_GELU_A = 0.044715
-
-
-def gelu_forward(x):
-    """GELU, tanh form (GPT-2's; PyTorch's ``gelu(x, approximate="tanh")``).
-
-        u = sqrt(2/pi) * (x + 0.044715 x^3)
-        y = 0.5 x (1 + tanh(u))
-    """
-    k = x.dtype.type(_GELU_K)
-    u = k * (x + x.dtype.type(_GELU_A) * x ** 3)
-    t = np.tanh(u)
-    return 0.5 * x * (1 + t), (x, t)
-
-
-def gelu_backward(dout, cache):
-    """Product rule on y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi)(x + 0.044715 x^3):
-
-        dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) * sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    with t = tanh(u) saved from the forward.  dx = dout * dy/dx.
-    """
-    x, t = cache
-    k = x.dtype.type(_GELU_K)
-    a3 = x.dtype.type(3 * _GELU_A)
-    dydx = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + a3 * x * x)
-    return dout * dydx
+def relu_backward(dout, cache, out=None):
+    """dy/dx is 1 where x > 0 (and kept) and 0 elsewhere, so dx = dout * mask (reference.relu_backward); ``out`` may be dout."""
+    return np.multiply(dout, cache, out=out)
 
 
 ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gelu_backward)}
@@ -198,34 +186,21 @@ ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gel
 # ------------------------------------------------------------------ dropout
 
 def dropout_scale(p, dtype):
-    """1/(1-p) for the drop probability dropout_mask really uses, round(p * 65536) / 65536."""
-    return np.dtype(dtype).type(65536 / (65536 - round(p * 65536)))
+    """1 / reference.keep_prob(p), in ``dtype``: what the survivors of dropout_mask are multiplied by.
 
-
-def dropout_mask(shape, p, rng):
-    """The random part of inverted dropout: a bool mask, each entry True (kept) with probability 1 - p.
-
-    Dropout multiplies by m = keep * dropout_scale(p).  Ops that can fold the
-    scale into a smaller array (attention's v, the feed-forward's second
-    weight) take the mask alone.
-
-    Speed: the mask comes from 16 random bits per entry (raw bits are several
-    times cheaper to draw than floats), dropping an entry when its bits fall
-    below t = round(p * 65536).  The drop probability is then exactly t / 65536
-    (0.100006 for p = 0.1) and the scale is 1 / (1 - t/65536), so E[x * m] = x
-    holds exactly.  The bits are drawn as full-range 64-bit integers, each cut
-    into four 16-bit ones: a full-range draw is the generator's raw output, with
-    no bounding work, which halves the cost of drawing 16-bit integers directly.
+    Multiplying by this costs less than reference.dropout_forward's division
+    (the numbers differ by float rounding only).  Ops that can fold the scale
+    into a smaller array (attention's v, the feed-forward's second weight)
+    take dropout_mask's bare 0/1 mask and this scale separately.
     """
-    n = math.prod(shape)
-    bits = rng.integers(0, 2 ** 64, size=-(-n // 4), dtype=np.uint64).view(np.uint16)
-    return bits[:n].reshape(shape) >= round(p * 65536)  # bool mask, 1 byte an entry
+    return np.dtype(dtype).type(1.0 / keep_prob(p))
 
 
 def dropout_forward(x, p, rng):
-    """Inverted dropout: zero each entry with probability p, scale survivors by 1/(1-p).
+    """reference.dropout_forward, x * mask / keep_prob(p), as x * mask * (1 / keep_prob(p)).
 
         y = x * keep / (1 - p)       keep[i] = 1 with probability 1 - p, else 0
+                                     (p the mask's own, see reference.keep_prob)
 
     Scaling at training time keeps E[y] = x, so evaluation needs no change.
     With p == 0 or rng None (evaluation) it is the identity.  The random draws
@@ -240,7 +215,11 @@ def dropout_forward(x, p, rng):
 
 
 def dropout_backward(dout, cache):
-    """y = x * m with the fixed mask m = keep / (1 - p), so dx = dout * m (identity when no mask)."""
+    """y = x * m with the fixed mask m = keep / (1 - p), so dx = dout * m (identity when no mask).
+
+    reference.dropout_backward.  This pair and the reference's take the same
+    time (0.17 ms a (B,T,C) micro-batch): the mask's draw dominates.
+    """
     if cache is None:
         return dout
     keep, scale = cache
@@ -253,14 +232,17 @@ def dropout_backward(dout, cache):
 
 @lru_cache(maxsize=32)
 def causal_mask(T, dtype):
-    """(T,T) additive mask: 0 where key j <= query i, -inf where j > i (the future)."""
+    """(T,T) additive mask: 0 where key j <= query i, -inf where j > i (the future).
+
+    reference.causal_mask, made once per (T, dtype) and kept read-only.
+    """
     m = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
     m.flags.writeable = False
     return m
 
 
 def softmax(x):
-    """Numerically stable softmax over the last axis, as a new array.
+    """Numerically stable softmax over the last axis, as a new array: reference.softmax_forward's output.
 
     softmax(x) = softmax(x - c) for any constant c per row; the textbook c is
     the row's max, so that exp cannot overflow.  NumPy finds the maxima of many
@@ -272,7 +254,8 @@ def softmax(x):
     with their own max.  Each row's result depends on that row alone, as with
     the textbook shift (a causal model's past stays bitwise unchanged when the
     future changes).  Softmax of a (4,4,64,128) block of masked scores: 0.19 ->
-    0.09 ms.
+    0.09 ms; of the full (4,4,128,128) masked scores, against the
+    reference's: 0.58 -> 0.28 ms.
     """
     n = x.shape[-1]
     with np.errstate(over="ignore", under="ignore"):  # overflow is expected here, and handled below
@@ -302,7 +285,7 @@ def query_blocks(T, n_blocks=2):
 
 
 def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None, n_blocks=2):
-    """Causal multi-head self-attention, PyTorch's nn.MultiheadAttention layout.
+    """reference.attention_forward: causal multi-head self-attention, nn.MultiheadAttention's layout.
 
         q, k, v = split(x @ w_in.T + b_in)               fused projection, w_in is (3C, C)
         per head h:  A_h = softmax(q_h k_h^T / sqrt(D) + mask)   mask hides the future
@@ -323,6 +306,14 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     cache keeps A, the mask and A * keep, so the backward rebuilds nothing
     (A * keep costs 0.8 MB a layer for a micro-batch of 4; rebuilding it was
     slower).
+
+    Dropout's mask is the reference's: one (B,H,T,T) draw from dropout_mask,
+    each query block taking its part, so both engines drop the same weights.
+    Drawing the whole mask costs a third more random bits than the blocks'
+    parts alone: attention's forward and backward with dropout, 1.01x the
+    time of drawing per block (paired, 400 runs).  Forward and backward on a
+    micro-batch, against the reference's: 30.1 -> 16.4 ms with dropout 0.1,
+    18.8 -> 15.0 ms without.
     """
     B, T, C = x.shape
     H = n_heads
@@ -338,12 +329,14 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     vs = np.multiply(v, drop_scale, order="C")  # v / (1-p), contiguous (B,H,T,D)
     y = np.empty((B, T, C), dtype=x.dtype)
     yh = y.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B,H,T,D) view of y: the heads land side by side
+    # the reference's mask: all (T,T) entries drawn at once, whatever the blocks (each takes its part)
+    keep_all = dropout_mask((B, H, T, T), p_drop, rng) if drop else None
     blocks = []
     for s, e in query_blocks(T, n_blocks):
         att = q[:, :, s:e] @ kT[:, :, :, :e]  # (B,H,Tb,D) @ (B,H,D,e) -> (B,H,Tb,e)
         att += causal_mask(T, x.dtype)[s:e, :e]
         att = softmax(att)
-        keep = dropout_mask(att.shape, p_drop, rng) if drop else None
+        keep = keep_all[:, :, s:e, :e] if drop else None
         att_k = np.multiply(att, keep) if drop else att  # A * keep
         np.matmul(att_k, vs[:, :, :e], out=yh[:, :, s:e])  # (B,H,Tb,e) @ (B,H,e,D) -> (B,H,Tb,D)
         blocks.append((s, e, att, keep, att_k))
@@ -352,7 +345,7 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
 
 
 def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_cache, pos, last=False):
-    """Attention for new tokens only, reusing the keys and values of earlier ones (KV cache).
+    """reference.attention_cached_forward: attention for new tokens, reusing earlier keys and values (KV cache).
 
     x (B,Tn,C) holds the tokens at positions pos .. pos+Tn-1.  Their keys and
     values are written into k_cache, v_cache (B,H,Tmax,D), which already hold
@@ -384,7 +377,7 @@ def attention_cached_forward(x, w_in, b_in, w_out, b_out, n_heads, k_cache, v_ca
 
 
 def attention_backward(dout, cache):
-    """Backward of causal multi-head self-attention, undoing the forward line by line.
+    """reference.attention_backward (derived there), block by block and without the (T,T) row sums.
 
     The forward applies dropout as y_h = (A_h * keep) (v_h / (1-p)); write K for
     the 0/1 mask keep and vs = v / (1-p) (without dropout K = 1 and vs = v).
@@ -440,7 +433,7 @@ def attention_backward(dout, cache):
 # ------------------------------------------------------ softmax cross-entropy
 
 def cross_entropy_forward(logits, targets):
-    """Mean negative log-likelihood of the targets under softmax(logits).
+    """reference.cross_entropy_forward: mean negative log-likelihood of the targets under softmax(logits).
 
         loss = -(1/N) sum_n log softmax(logits[n])[targets[n]]
     logits (..., V) and integer targets (...) are flattened to N rows.
@@ -460,9 +453,12 @@ def cross_entropy_forward(logits, targets):
 
 
 def cross_entropy_backward(dloss, cache):
-    """d loss / d logits = (softmax(logits) - onehot(target)) / N.
+    """d loss / d logits = (softmax(logits) - onehot(target)) / N: reference.cross_entropy_backward.
 
     The softmax and the log cancel neatly: d(-log p_t)/dz_j = p_j - [j == t].
+    The -1 goes straight into the target entries, in place, with no one-hot
+    array; with the forward (fmax.reduce for the max), against the
+    reference's: 0.14 -> 0.12 ms a micro-batch.
     """
     probs, t, shape = cache
     N = probs.shape[0]
@@ -475,7 +471,7 @@ def cross_entropy_backward(dloss, cache):
 # ------------------------------------------------------------- feed-forward
 
 def ffn_forward(x, w1, b1, w2, b2, activation="relu", p_drop=0.0, rng=None):
-    """Position-wise feed-forward network, as in nn.TransformerEncoderLayer:
+    """reference.ffn_forward: the position-wise feed-forward network of nn.TransformerEncoderLayer,
 
         y = linear2(dropout(act(linear1(x))))      (B,T,C) -> (B,T,F) -> (B,T,C)
 
@@ -488,17 +484,18 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", p_drop=0.0, rng=None):
     fresh output): writing into a fresh 1 MB array instead costs more than the
     multiply (measured: 0.5 ms of a 25 ms micro-batch).  h * [h > 0] differs
     from max(h, 0) only at h = -inf (NaN instead of 0), where training has
-    already diverged.
+    already diverged.  Forward and backward with ReLU on a micro-batch,
+    against the reference's: 21.1 -> 11.9 ms with dropout 0.1, 15.9 -> 9.2 ms
+    without.  The ReLU is relu_forward/relu_backward themselves (with
+    ``keep`` and ``out``), so the gradient-checked functions are the ones run.
     """
     act_forward, _ = ACTIVATIONS[activation]
     h, c1 = linear_forward(x, w1, b1)  # (B,T,C) -> (B,T,F)
     drop = rng is not None and p_drop > 0
     keep = dropout_mask(h.shape, p_drop, rng) if drop else None
     if activation == "relu":
-        ca = h > 0  # ReLU's mask, and so its backward's
-        if drop:
-            ca &= keep  # ReLU's mask and dropout's in one
-        a, keep = np.multiply(h, ca, out=h), None
+        a, ca = relu_forward(h, keep, out=h)  # ReLU's mask and dropout's in one, written into h
+        keep = None
     else:
         a, ca = act_forward(h)
         if drop:
@@ -509,7 +506,7 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", p_drop=0.0, rng=None):
 
 
 def ffn_backward(dout, cache):
-    """Chain rule back through linear2, dropout, the activation and linear1 in turn.
+    """reference.ffn_backward: the chain rule back through linear2, dropout, the activation and linear1.
 
     y = (a * keep) @ (w2 s).T + b2,  s = 1/(1-p)  ->  linear backward with w2 s gives
                                          d(a * keep) and dw2 / s, so dw2 is rescaled
@@ -525,7 +522,7 @@ def ffn_backward(dout, cache):
     if keep is not None:
         np.multiply(da, keep, out=da)
     if activation == "relu":
-        dh = np.multiply(da, ca, out=da)  # relu_backward, in place: da is ours alone
+        dh = relu_backward(da, ca, out=da)  # in place: da is ours alone
     else:
         dh = act_backward(da, ca)
     dx, dw1, db1 = linear_backward(dh, c1)

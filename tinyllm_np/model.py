@@ -10,6 +10,10 @@
             x = x + dropout(ffn(norm2(x)))
     logits = ln(x) @ head.T                                 (B,T,C) -> (B,T,V)
 
+The layers come from an engine: ``layers`` (fast, the default) or ``reference``
+(the textbook forms, which read like the math); ``TinyLLM(cfg, engine="reference")``.
+Both compute the same numbers to float rounding; the engine changes nothing else.
+
 Parameters carry the names and shapes of the original's PyTorch state_dict and
 live as views into one flat buffer (``model.flat``), so the optimizer can update
 all 626,560 of them with a handful of vectorized operations.
@@ -18,9 +22,11 @@ all 626,560 of them with a handful of vectorized operations.
 import dataclasses
 import json
 import math
+import operator
 import numpy as np
 
 from . import layers as L
+from . import reference
 from .fileio import atomic_savez
 
 
@@ -43,8 +49,10 @@ class Config:
                 raise ValueError(f"Config.{name} must be a positive integer, got {v!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"Config.dropout must be in [0, 1), got {self.dropout!r}")
+        try:
+            reference.dropout_threshold(self.dropout)  # 0, or a p the 16-bit masks represent
+        except ValueError as e:
+            raise ValueError(f"Config.{e}") from None
         if self.activation not in L.ACTIVATIONS:
             raise ValueError(f"Config.activation must be one of {sorted(L.ACTIVATIONS)}, got {self.activation!r}")
 
@@ -110,24 +118,63 @@ def _softmax_rows(att):
     return e
 
 
+class ParamDict(dict):
+    """model.params: name -> view into model.flat, a dict that refuses rebinding.
+
+    ``params[k] = arr`` would leave model.flat, the per-layer views, the workers
+    and AdamW's flat fast path reading the old array without a word; it raises
+    TypeError instead (writing the same array back, as ``params[k] *= 2`` does,
+    is allowed).  Write in place, ``params[k][...] = arr``, or use
+    ``model.load_state_dict(d)``.  A dict subclass, so reading stays a dict lookup.
+    """
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("model.params cannot be rebound (its arrays are views into model.flat): write in place, "
+                        "model.params[k][...] = arr, or use model.load_state_dict(d)")
+
+    def __setitem__(self, k, v):
+        if k not in self or v is not dict.__getitem__(self, k):
+            self._refuse()
+
+    __delitem__ = pop = popitem = clear = update = setdefault = __ior__ = _refuse
+
+    def __reduce__(self):
+        return dict, (dict(self),)  # a pickle or copy is a plain dict
+
+
+def _as_int(v, what):
+    """operator.index(v) (a Python or NumPy integer, not a bool or float), else ValueError."""
+    if isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{what} must be an integer, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {v!r}") from None
+
+
 class TinyLLM:
     """Character-level causal transformer with hand-written backward.
 
-    model = TinyLLM(Config(vocab_size=59), seed=0)
+    model = TinyLLM(Config(vocab_size=59), seed=0)      # engine="reference": the textbook layers
     logits = model.forward(idx)                         # (B,T) ints -> (B,T,V), no dropout
     loss, grads = model.loss_and_grads(idx, targets, train=True)
     """
 
-    def __init__(self, config, seed=0, dtype=np.float32, chars=None):
+    ENGINES = {"fast": L, "reference": reference}
+
+    def __init__(self, config, seed=0, dtype=np.float32, chars=None, engine="fast"):
         self.config = config
+        if engine not in self.ENGINES:
+            raise ValueError(f"engine must be one of {sorted(self.ENGINES)}, got {engine!r}")
+        self.engine, self.L = engine, self.ENGINES[engine]  # the module whose layers the model runs
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.chars = None if chars is None else list(chars)
         self.shapes = config.param_shapes()
         self.n_params = sum(math.prod(s) for s in self.shapes.values())
-        self.flat = np.zeros(self.n_params, dtype=self.dtype)
-        self.params = flat_views(self.shapes, self.flat)
+        self._flat = np.zeros(self.n_params, dtype=self.dtype)
+        self._params = ParamDict(flat_views(self.shapes, self._flat))
         # each layer's 12 parameters in param_shapes' order (in_proj w, b; out_proj w, b; linear1 w, b;
         # linear2 w, b; norm1 w, b; norm2 w, b) for decode_step's hot loop; views, so they follow
         # every in-place update (training, load)
@@ -135,6 +182,57 @@ class TinyLLM:
                               for i in range(config.n_layers)]
         self.rng = np.random.default_rng(seed)  # dropout masks come from here
         self._init_weights(np.random.default_rng(seed))
+
+    @property
+    def flat(self):
+        """All parameters, one 1-D buffer; update it in place (``flat[...] = x``, ``flat += d``)."""
+        return self._flat
+
+    @flat.setter
+    def flat(self, value):
+        if value is not self._flat:  # `model.flat += d` updates in place, then assigns the same array back
+            raise AttributeError("model.flat cannot be rebound: write in place, model.flat[...] = x, "
+                                 "or use model.load_state_dict(d)")
+
+    @property
+    def params(self):
+        """Name -> view into ``flat``, read-only as a mapping (see ParamDict)."""
+        return self._params
+
+    @params.setter
+    def params(self, value):
+        if value is not self._params:
+            raise AttributeError("model.params cannot be rebound: write in place, model.params[k][...] = arr, "
+                                 "or use model.load_state_dict(d)")
+
+    def load_state_dict(self, state):
+        """Copy ``state`` (name -> array, exactly the names and shapes of ``params``) into ``flat``, in place.
+
+        Everything is checked before anything is copied (names, shapes, real
+        floating dtype, finite values), so a refused state leaves the model as
+        it was; a ValueError names the first problem.  Values are cast to the
+        model's dtype.  The views, workers and optimizers that read ``flat``
+        see the new values, since no array is replaced.
+        """
+        missing = [k for k in self.shapes if k not in state]
+        extra = [k for k in state if k not in self.shapes]
+        if missing or extra:
+            raise ValueError("state does not match the model: "
+                             + (f"missing {', '.join(missing[:3])}" if missing else "")
+                             + ("; " if missing and extra else "")
+                             + (f"unexpected {', '.join(map(str, extra[:3]))}" if extra else ""))
+        arrays = {}
+        for k, shape in self.shapes.items():
+            a = np.asarray(state[k])
+            if a.shape != shape:
+                raise ValueError(f"state '{k}' has shape {a.shape}, the model's is {shape}")
+            if a.dtype.kind != "f":
+                raise ValueError(f"state '{k}' has dtype {a.dtype}, expected a floating type")
+            if not np.isfinite(a).all():
+                raise ValueError(f"state '{k}' holds NaN or infinite values")
+            arrays[k] = a
+        for k, a in arrays.items():
+            self._params[k][...] = a
 
     def _init_weights(self, rng):
         """PyTorch's default initialization for each module of the original."""
@@ -170,8 +268,16 @@ class TinyLLM:
         if not 1 <= T <= self.config.context:
             raise ValueError(f"sequence length {T} must be between 1 and context={self.config.context}")
         if idx.size and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values from "
+                             f"{idx.min()} to {idx.max()}")
         return idx
+
+    def _check_cache(self, cache, B):
+        c = self.config
+        shape = (B, c.n_heads, c.context, c.d_model // c.n_heads)
+        if len(cache) != c.n_layers or any(k.shape != shape or v.shape != shape for k, v in cache):
+            raise ValueError(f"the KV cache must hold {c.n_layers} (k, v) pairs shaped {shape} "
+                             "(model.new_kv_cache)")
 
     def _block_forward(self, x, i, rng, kv=None, last=False):
         """One encoder layer; returns (out, cache).  rng None means no dropout.
@@ -181,7 +287,7 @@ class TinyLLM:
         ``last`` as well, the layer's output is computed for the last position
         alone, (B,1,C) (see forward_cached).
         """
-        cfg, p, q = self.config, self.params, f"layers.{i}."
+        cfg, p, q, L = self.config, self.params, f"layers.{i}.", self.L
         pd = cfg.dropout if rng is not None else 0.0
 
         w_attn = (p[q + "self_attn.in_proj_weight"], p[q + "self_attn.in_proj_bias"],
@@ -221,7 +327,7 @@ class TinyLLM:
 
     def _forward(self, idx, rng):
         """Full forward; returns (logits, cache for the backward)."""
-        p = self.params
+        p, L = self.params, self.L
         B, T = idx.shape
         x, c_tok = L.embedding_forward(idx, p["tok_emb.weight"])  # (B,T) -> (B,T,C)
         x = x + p["pos_emb.weight"][:T]  # broadcast over B: position t gets row t
@@ -245,10 +351,12 @@ class TinyLLM:
         norms, and the head, run for one position instead of Tn, since nothing
         reads the others (measured: a 64-token prefill 1.40 -> 1.19 ms).
         """
-        p = self.params
-        Tn = idx.shape[1]
-        if pos + Tn > self.config.context:
-            raise ValueError(f"positions up to {pos + Tn} exceed the context of {self.config.context}")
+        p, L = self.params, self.L
+        idx = self._check_idx(idx)
+        Tn, pos = idx.shape[1], _as_int(pos, "pos")
+        if not 0 <= pos <= self.config.context - Tn:
+            raise ValueError(f"positions {pos}..{pos + Tn - 1} are outside the context 0..{self.config.context - 1}")
+        self._check_cache(cache, idx.shape[0])
         x = p["tok_emb.weight"][idx] + p["pos_emb.weight"][pos:pos + Tn]  # (B,Tn) -> (B,Tn,C)
         for i, (k, v) in enumerate(cache):
             x, _ = self._block_forward(x, i, None, kv=(k, v, pos), last=last and i == len(cache) - 1)
@@ -266,10 +374,14 @@ class TinyLLM:
         Shapes: x (C,); q, k, v (H,D); the cache (1,H,context,D) per layer.
         """
         cfg, p = self.config, self.params
+        if type(token) is not int or type(pos) is not int:  # the usual case costs two type checks
+            token, pos = _as_int(token, "token id"), _as_int(pos, "position")
         if not 0 <= pos < cfg.context:
-            raise ValueError(f"position {pos} is outside the context of {cfg.context}")
+            raise ValueError(f"position {pos} is outside the context 0..{cfg.context - 1}")
         if not 0 <= token < cfg.vocab_size:
             raise ValueError(f"token id {token} is outside [0, {cfg.vocab_size})")
+        if len(cache) != len(self._layer_params):  # zip would silently skip the missing layers
+            raise ValueError(f"the KV cache has {len(cache)} layers, the model {len(self._layer_params)}")
         H, C = cfg.n_heads, cfg.d_model
         D, n = C // H, pos + 1
         scale = 1.0 / math.sqrt(D)  # a Python float: q keeps its dtype
@@ -306,6 +418,76 @@ class TinyLLM:
                 x = x + f if cfg.norm_first else ln(x + f, n2w, n2b)
         return np.dot(p["head.weight"], ln(x, p["ln.weight"], p["ln.bias"]))  # (V,C) @ (C,) -> (V,)
 
+    def decode_weights(self):
+        """A snapshot of the parameters for decode_step_batch, its matrices transposed into contiguous (C,N) copies.
+
+        OpenBLAS multiplies a few rows by a transposed view slowly: (4,128) @ w1.T
+        (512,128) took 58 us, by a contiguous copy of w1.T 10.5 us (measured).  A
+        snapshot: later changes to the parameters are not seen, so make a new one
+        after training steps.
+        """
+        p = self.params
+        def copy(a):
+            return a.T.copy() if a.ndim == 2 else a.copy()
+        return {"tok_emb": p["tok_emb.weight"].copy(), "pos_emb": p["pos_emb.weight"].copy(),
+                "layers": [tuple(copy(a) for a in layer) for layer in self._layer_params],
+                "ln": (p["ln.weight"].copy(), p["ln.bias"].copy()), "head": copy(p["head.weight"])}
+
+    def decode_step_batch(self, tokens, pos, cache, weights=None):
+        """Logits (B,V) for B tokens (B,), one per stream, all at position pos, reading and extending B caches.
+
+        decode_step for B texts of equal length at once (generate.BatchDecoder:
+        samples that share their start): the same math row by row, with the
+        matrix-vector products turned into (B,C) @ (C,N) matrix products, so
+        one step's ~110 NumPy calls serve B streams instead of one.  ``weights``:
+        decode_weights(), made once for many steps (default: made for this call).
+        Shapes: x (B,C); q, k, v (B,H,D); the cache (B,H,context,D) per layer.
+        """
+        cfg = self.config
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
+            raise ValueError(f"tokens must be a non-empty 1-D integer array (B,), got {tokens.dtype} {tokens.shape}")
+        B = tokens.shape[0]
+        if cache[0][0].shape[0] != B:
+            raise ValueError(f"the cache holds {cache[0][0].shape[0]} streams, got {B} tokens")
+        if not 0 <= pos < cfg.context:
+            raise ValueError(f"position {pos} is outside the context of {cfg.context}")
+        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+        w = self.decode_weights() if weights is None else weights
+        H, C = cfg.n_heads, cfg.d_model
+        D, n = C // H, pos + 1
+        scale = 1.0 / math.sqrt(D)
+        act, _ = L.ACTIVATIONS[cfg.activation]
+        relu = cfg.activation == "relu"
+
+        def ln(x, w, b):
+            return L.layernorm_forward(x, w, b)[0]
+
+        x = w["tok_emb"][tokens] + w["pos_emb"][pos]  # (B,) -> (B,C)
+        with np.errstate(over="ignore"):  # as in decode_step: _softmax_rows handles its own overflow
+            for (w_in, b_in, w_out, b_out, w1, b1, w2, b2, n1w, n1b, n2w, n2b), (K, V) in zip(w["layers"], cache):
+                h = ln(x, n1w, n1b) if cfg.norm_first else x
+                qkv = np.dot(h, w_in)  # (B,C) @ (C,3C) -> (B,3C)
+                qkv += b_in
+                q, k, v = qkv.reshape(B, 3, H, D).transpose(1, 0, 2, 3)  # 3 x (B,H,D)
+                K[:, :, pos], V[:, :, pos] = k, v
+                q *= scale
+                att = np.matmul(K[:, :, :n], q[..., None])[..., 0]  # (B,H,n,D) @ (B,H,D,1) -> (B,H,n)
+                att = _softmax_rows(att)  # the newest token may see every cached one: no mask
+                y = np.matmul(att[:, :, None, :], V[:, :, :n])  # (B,H,1,n) @ (B,H,n,D) -> (B,H,1,D)
+                a = np.dot(y.reshape(B, C), w_out)  # heads side by side, (B,C) @ (C,C) -> (B,C)
+                a += b_out
+                x = x + a if cfg.norm_first else ln(x + a, n1w, n1b)
+
+                h = ln(x, n2w, n2b) if cfg.norm_first else x
+                f = np.dot(h, w1)  # (B,C) @ (C,F) -> (B,F)
+                f += b1
+                f = np.dot(np.maximum(f, 0, out=f) if relu else act(f)[0], w2)  # (B,F) @ (F,C) -> (B,C)
+                f += b2
+                x = x + f if cfg.norm_first else ln(x + f, n2w, n2b)
+        return np.dot(ln(x, *w["ln"]), w["head"])  # (B,C) @ (C,V) -> (B,V)
+
     def new_kv_cache(self, batch=1):
         """Empty per-layer (k, v) buffers, (B,H,context,D) each, allocated once."""
         c = self.config
@@ -323,7 +505,7 @@ class TinyLLM:
 
     def _block_backward(self, dout, i, cache, grads):
         """Backward of one encoder layer; adds its parameter gradients into grads."""
-        cfg, q = self.config, f"layers.{i}."
+        cfg, q, L = self.config, f"layers.{i}.", self.L
         ca, cn1, cf, cn2 = cache
 
         def attn_back(da):
@@ -371,6 +553,7 @@ class TinyLLM:
         Returns dx0, the gradient at the first layer's input x0 = tok_emb[idx] + pos_emb (B,T,C).
         """
         c_tok, block_caches, c_ln, c_head, T = cache
+        L = self.L
         dx, dhead, _ = L.linear_backward(dlogits, c_head)
         grads["head.weight"] += dhead
         dx, dw, db = L.layernorm_backward(dx, c_ln)
@@ -390,9 +573,15 @@ class TinyLLM:
         return self.rng if rng is None else rng
 
     def _check_targets(self, idx, targets):
+        """targets as an array: integers in [0, V), shaped like idx (no ignore index: -100 is an error)."""
         targets = np.asarray(targets)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {targets.shape} != idx shape {idx.shape}")
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(f"targets must be integers, got {targets.dtype}")
+        if targets.size and (targets.min() < 0 or targets.max() >= self.config.vocab_size):
+            raise ValueError(f"targets must be in [0, {self.config.vocab_size}), got values from "
+                             f"{targets.min()} to {targets.max()}")
         return targets
 
     def loss(self, idx, targets, train=False, rng=None):
@@ -400,7 +589,7 @@ class TinyLLM:
         idx = self._check_idx(idx)
         targets = self._check_targets(idx, targets)
         logits, _ = self._forward(idx, self._dropout_rng(train, rng))
-        return L.cross_entropy_forward(logits, targets)[0]
+        return self.L.cross_entropy_forward(logits, targets)[0]
 
     def loss_and_grads(self, idx, targets, train=False, rng=None, weight=1.0, grads=None):
         """Mean cross-entropy of next-token targets and its gradient for every parameter.
@@ -420,10 +609,10 @@ class TinyLLM:
         idx = self._check_idx(idx)
         targets = self._check_targets(idx, targets)
         logits, cache = self._forward(idx, self._dropout_rng(train, rng))
-        loss, c_ce = L.cross_entropy_forward(logits, targets)
+        loss, c_ce = self.L.cross_entropy_forward(logits, targets)
         if grads is None:
             grads = flat_views(self.shapes, np.zeros_like(self.flat))
-        self._backward(L.cross_entropy_backward(weight, c_ce), cache, grads)
+        self._backward(self.L.cross_entropy_backward(weight, c_ce), cache, grads)
         return loss, grads
 
     def input_grad(self, idx, dlogits):

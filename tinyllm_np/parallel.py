@@ -29,15 +29,34 @@ Two things make it pay on a CPU:
 
 The parameters reach the workers through shared memory: each call copies
 ``model.flat`` (2.5 MB) into a buffer every worker reads, so the optimizer
-keeps updating ``model.flat`` in place as usual.  Each worker writes its
-weighted gradient sum into its own slot of a second shared buffer, and the
-caller adds the slots.  Only the token ids and a few numbers travel through
-the pipes.
+keeps updating ``model.flat`` in place as usual; the token ids go through a
+second shared buffer.  Only a few numbers travel through the pipes, so a send
+never blocks on a worker that does not read.
+
+The sum is the same whatever the number of workers, bit for bit.  Micro-batch
+k's weighted gradient w_k grad_k goes to its own slot k of a shared (K, n)
+buffer (K micro-batches, n parameters: 8 x 2.5 MB for the original's batch of
+32 in micro-batches of 4), whoever computes it; this process then adds the
+slots left to right, slot 0 + slot 1 + ... + slot K-1, and the weighted losses
+likewise in micro-batch order.  With one worker the same code runs in this
+process, on a private (K, n) buffer.  (BLAS's thread count, one in a worker and
+the library's default here, was measured not to change a micro-batch's
+gradient with this NumPy's OpenBLAS; tests/test_parallel.py checks the whole
+sum bitwise, workers=1 against workers=2.)
 
 Dropout: micro-batch k draws its masks from its own generator, seeded each
 step from the model's generator (``model.rng``).  So a run depends on the seed
 and ``micro_batch`` -- not on the number of workers, nor on timing -- and
 ``model.rng`` alone carries the random state (checkpoints stay as they are).
+
+Faults: the caller waits on the workers' pipes and on their process sentinels
+at once, with a timeout, so a worker that dies (a kill -9, the out-of-memory
+killer) is reported at once and one that stops answering (SIGSTOP, a hang) after
+``timeout`` seconds, each as a WorkerError naming the worker, its pid and what
+happened.  While waiting it also polls ``stop`` (train.py's signal flag): once
+that is set, the workers get ``stop_grace`` more seconds to finish the call,
+then the call is abandoned with Interrupted.  Either way the caller's model is
+untouched (the workers only read it) and this DataParallel is closed.
 """
 
 import ctypes
@@ -46,6 +65,8 @@ import multiprocessing
 import os
 import pickle
 import signal
+import time
+from multiprocessing.connection import wait
 
 import numpy as np
 
@@ -118,23 +139,37 @@ def micro_batches(B, micro_batch):
     return split_batch(B, math.ceil(B / micro_batch))
 
 
-def _run(model, idx, targets, chunks, seeds, grads_out, train):
-    """Weighted loss (and gradient, into grads_out) of micro-batches ``chunks`` = [(slice, weight)].
+def _run(model, idx, targets, chunks, seeds, slots, train):
+    """Weighted losses [w_k loss_k] of micro-batches ``chunks`` = [(slice, w_k)], in their order.
 
-    The work of one worker; also the whole of a one-worker DataParallel.
-    grads_out None: evaluation-mode loss only.
+    With ``slots`` (one row per chunk), w_k grad_k goes to row k, the row
+    zeroed first; slots None: evaluation-mode losses only.  The work of one
+    worker; also the whole of a one-worker DataParallel.
     """
-    if grads_out is None:
-        return sum(w * model.loss(idx[s], targets[s]) for s, w in chunks)
-    grads_out[...] = 0
-    grads = flat_views(model.shapes, grads_out)
-    loss = 0.0
-    for (s, w), seed in zip(chunks, seeds):
+    if slots is None:
+        return [w * model.loss(idx[s], targets[s]) for s, w in chunks]
+    losses = []
+    for (s, w), seed, slot in zip(chunks, seeds, slots):
         rng = None if seed is None else np.random.default_rng(seed)
-        # grad += w_k grad_k, added by the backward itself
-        loss_k, _ = model.loss_and_grads(idx[s], targets[s], train=train, rng=rng, weight=w, grads=grads)
-        loss += w * loss_k
-    return loss
+        slot[...] = 0
+        # slot = w_k grad_k, added into the zeros by the backward itself
+        loss_k, _ = model.loss_and_grads(idx[s], targets[s], train=train, rng=rng, weight=w,
+                                         grads=flat_views(model.shapes, slot))
+        losses.append(w * loss_k)
+    return losses
+
+
+def sum_in_order(rows):
+    """rows[0] + rows[1] + ... + rows[K-1], added left to right, as a fresh array.
+
+    The one order the gradient slots are added in, whatever the number of
+    workers (np.add.reduce might sum a short axis pairwise, an order that is
+    not the documented one).
+    """
+    total = rows[0].copy()
+    for row in rows[1:]:
+        total += row
+    return total
 
 
 # Signals a terminal or a job manager sends to the whole process group: the parent handles them
@@ -156,30 +191,56 @@ def _send_error(conn, e):
     conn.send(("error", e))
 
 
-def _worker_main(conn, config, dtype, params_buf, grads_buf, slot, reuse_memory):
-    """A worker process: wait for micro-batches, answer with their weighted loss; gradients go to shared memory."""
+class _Shared:
+    """The buffers the workers share with the caller, room for ``capacity`` micro-batches of ``micro_batch``."""
+
+    def __init__(self, ctx, n_params, dtype, capacity, micro_batch, context):
+        self.capacity, self.rows, self.context = capacity, capacity * micro_batch, context
+        self.params_buf = ctx.RawArray(ctypes.c_byte, n_params * dtype.itemsize)
+        self.slots_buf = ctx.RawArray(ctypes.c_byte, capacity * n_params * dtype.itemsize)
+        self.tokens_buf = ctx.RawArray(ctypes.c_int64, 2 * self.rows * context)  # idx, then targets
+        self.dtype, self.n_params = dtype, n_params
+        self.views()
+
+    def views(self):
+        """(params (n,), slots (capacity, n), tokens (2, rows, context)) as arrays on the shared memory."""
+        self.params = np.frombuffer(self.params_buf, dtype=self.dtype)
+        self.slots = np.frombuffer(self.slots_buf, dtype=self.dtype).reshape(self.capacity, self.n_params)
+        self.tokens = np.frombuffer(self.tokens_buf, dtype=np.int64).reshape(2, self.rows, self.context)
+        return self
+
+    def __getstate__(self):  # what a spawned worker receives: the buffers, not the views
+        return {k: v for k, v in vars(self).items() if k not in ("params", "slots", "tokens")}
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self.views()
+
+
+def _worker_main(conn, config, dtype, engine, shared, reuse_memory):
+    """A worker process: wait for micro-batches, answer with their weighted losses; gradients go to shared memory."""
     for signum in _PARENT_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     if reuse_memory:  # the parent's allocator setting (alloc.py): 112 -> 100 ms a step, measured
         alloc.reuse_freed_memory()
     blas_threads(1)  # one core each: the workers already fill the machine
-    model = TinyLLM(config, dtype=dtype)
-    params = np.frombuffer(params_buf, dtype=model.dtype)
-    grads = np.frombuffer(grads_buf, dtype=model.dtype).reshape(-1, params.size)[slot]
+    model = TinyLLM(config, dtype=dtype, engine=engine)  # the caller's engine: the same numbers
     try:
         while True:
             msg = conn.recv()
             if msg is None:
                 return
-            idx, targets, chunks, seeds, want_grads, train, err = msg
+            B, T, first, chunks, seeds, want_grads, train, err = msg
             try:
-                model.flat[...] = params
+                model.flat[...] = shared.params
+                idx, targets = shared.tokens[0, :B, :T], shared.tokens[1, :B, :T]
+                slots = shared.slots[first:first + len(chunks)] if want_grads else None
                 with np.errstate(**err):
-                    loss = _run(model, idx, targets, chunks, seeds, grads if want_grads else None, train)
+                    losses = _run(model, idx, targets, chunks, seeds, slots, train)
             except Exception as e:
                 _send_error(conn, e)
             else:
-                conn.send(("ok", loss))
+                conn.send(("ok", losses))
     except (EOFError, OSError):  # the parent is gone
         return
 
@@ -195,6 +256,22 @@ def _ignore(signums):
     return before
 
 
+class WorkerError(RuntimeError):
+    """A worker process died or gave no answer in time.  ``worker`` (its number), ``pid``, ``what``."""
+
+    def __init__(self, worker, pid, what):
+        self.worker, self.pid, self.what = worker, pid, what
+        super().__init__(f"worker {worker} (pid {pid}) {what}")
+
+
+class Interrupted(Exception):
+    """The caller's ``stop()`` turned true and the workers had not answered ``stop_grace`` seconds later."""
+
+
+# Seconds between looks at the caller's stop flag while waiting for the workers
+_POLL = 0.05
+
+
 class DataParallel:
     """model's loss and gradients, the batch cut into micro-batches run by ``workers`` processes.
 
@@ -203,33 +280,51 @@ class DataParallel:
         dp.close()                                                  # or use it as a context manager
 
     workers=1 runs the micro-batches one after another in this process, with
-    the same results up to float rounding (the workers' sums are added in
-    another order).  The worker processes start in __init__ (each imports
-    NumPy: about half a second) and stop in close().  They are started with
-    multiprocessing's "spawn" method, so, as with any multiprocessing code, a
-    script that makes a DataParallel must guard its entry point with
-    ``if __name__ == "__main__":``.  The workers ignore SIGINT and SIGTERM, so
-    that a Ctrl-C or a job manager's signal to the whole process group reaches
-    the caller alone, which can finish its step and save (train.py does) before
-    it closes them; they also end when the caller's process is gone.
+    bitwise the same results (see the module docstring).  The worker processes
+    start in __init__ (each imports NumPy: about half a second) and stop in
+    close().  They are started with multiprocessing's "spawn" method, so, as
+    with any multiprocessing code, a script that makes a DataParallel must guard
+    its entry point with ``if __name__ == "__main__":``.  The workers ignore
+    SIGINT and SIGTERM, so that a Ctrl-C or a job manager's signal to the whole
+    process group reaches the caller alone, which can finish its step and save
+    (train.py does) before it closes them; they also end when the caller's
+    process is gone.
+
+    ``batch_size`` sizes the shared buffers (one gradient slot per micro-batch
+    of a batch that large); a larger batch later restarts the workers with room
+    for it.  ``timeout``: seconds a worker may take to answer before it counts
+    as stuck (WorkerError); None: 120 s or 30 times the slowest call so far,
+    whichever is longer -- a training step of the 626,560-parameter model takes
+    0.1-0.3 s on 2 cores, so a worker silent for minutes is stuck, not slow.
+    ``stop``: a function polled while waiting; once it returns true, the
+    workers get ``stop_grace`` seconds (at most the timeout) to finish the
+    call, after which it raises Interrupted.  After a WorkerError or
+    Interrupted this DataParallel is closed; the model is untouched.
     """
 
-    def __init__(self, model, workers=2, micro_batch=4):
+    def __init__(self, model, workers=2, micro_batch=4, batch_size=32, timeout=None, stop=None, stop_grace=5.0):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         self.model, self.workers, self.micro_batch = model, workers, micro_batch
+        self.timeout, self.stop, self.stop_grace = timeout, stop, stop_grace
         self._conns, self._procs, self.closed = [], [], False
+        self._slowest = 0.0  # seconds, the longest call so far
         self.reuse_memory = alloc.in_effect()  # the workers follow this process's allocator setting
-        if workers == 1:
+        self._start(len(micro_batches(max(1, batch_size), micro_batch)))
+
+    def _start(self, capacity):
+        """Make the buffers for ``capacity`` micro-batches and, with more than one worker, start the workers."""
+        model = self.model
+        if self.workers == 1:
+            self._slots = np.empty((capacity, model.n_params), model.dtype)
             return
-        n, itemsize = model.n_params, model.dtype.itemsize
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of BLAS's threads
-        self._params_buf = ctx.RawArray(ctypes.c_byte, n * itemsize)
-        self._grads_buf = ctx.RawArray(ctypes.c_byte, workers * n * itemsize)
-        self._params = np.frombuffer(self._params_buf, dtype=model.dtype)
-        self._grads = np.frombuffer(self._grads_buf, dtype=model.dtype).reshape(workers, n)
+        self._shared = _Shared(ctx, model.n_params, model.dtype, capacity, self.micro_batch, model.config.context)
+        self._slots = self._shared.slots
         # The workers start with SIGINT and SIGTERM ignored (on POSIX a new interpreter keeps an
         # inherited SIG_IGN; each worker sets it again first thing), so that a Ctrl-C in the terminal,
         # sent to every process of the group, reaches only this one; and with BLAS told to use one thread.
@@ -237,11 +332,11 @@ class DataParallel:
         env_before = {name: os.environ.get(name) for name in _ONE_THREAD_ENV}
         os.environ.update(_ONE_THREAD_ENV)
         try:
-            for slot in range(workers):
+            for slot in range(self.workers):
                 conn, child = ctx.Pipe()
                 p = ctx.Process(target=_worker_main, daemon=True, name=f"tinyllm-worker-{slot}",
-                                args=(child, model.config, model.dtype.str, self._params_buf, self._grads_buf,
-                                      slot, self.reuse_memory))
+                                args=(child, model.config, model.dtype.str, model.engine, self._shared,
+                                      self.reuse_memory))
                 p.start()
                 child.close()
                 self._conns.append(conn)
@@ -258,22 +353,28 @@ class DataParallel:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
 
-    def close(self):
-        """Stop the worker processes (a second call does nothing)."""
-        self.closed = True
+    def _stop_workers(self, kill=False):
+        """End the worker processes: asked to (and SIGKILLed after 5 s), or with kill, SIGKILLed at once."""
         for conn in self._conns:
             try:
-                conn.send(None)
+                if not kill:
+                    conn.send(None)
             except OSError:  # that worker is already gone
                 pass
         for p in self._procs:
-            p.join(timeout=5)
-            if p.is_alive():  # stuck: SIGKILL, as a worker ignores SIGTERM
+            if not kill:
+                p.join(timeout=5)
+            if p.is_alive():  # stuck, or kill: SIGKILL, as a worker ignores SIGTERM (and SIGSTOP cannot hold it)
                 p.kill()
-                p.join()
+            p.join()
         for conn in self._conns:
             conn.close()
         self._conns, self._procs = [], []
+
+    def close(self):
+        """Stop the worker processes (a second call does nothing)."""
+        self.closed = True
+        self._stop_workers()
 
     def __enter__(self):
         return self
@@ -291,6 +392,52 @@ class DataParallel:
         """Process ids of the worker processes (none with one worker)."""
         return [p.pid for p in self._procs]
 
+    def _dead(self, i):
+        """The WorkerError for worker i, whose process has ended (or closed its pipe)."""
+        p = self._procs[i]
+        p.join(timeout=1)
+        code = p.exitcode
+        if code is None:
+            what = "closed its pipe"
+        elif code < 0:
+            try:
+                what = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                what = f"was killed by signal {-code}"
+        else:
+            what = f"exited with code {code}"
+        return WorkerError(i, p.pid, what)
+
+    def _wait_for(self, active):
+        """Replies of workers ``active`` (numbers), in that order; WorkerError or Interrupted if they fail."""
+        timeout = self.timeout if self.timeout is not None else max(120.0, 30 * self._slowest)
+        t0 = time.monotonic()
+        deadline, stopping = t0 + timeout, False
+        replies = {}
+        while len(replies) < len(active):
+            waiting = [i for i in active if i not in replies]
+            handles = [self._conns[i] for i in waiting] + [self._procs[i].sentinel for i in waiting]
+            ready = set(wait(handles, timeout=max(0.0, min(_POLL, deadline - time.monotonic()))))
+            for i in waiting:  # a reply first: a worker may answer and then end
+                if self._conns[i] in ready:
+                    try:
+                        replies[i] = self._conns[i].recv()
+                    except (EOFError, OSError):  # the pipe broke: its worker died in the middle of the call
+                        raise self._dead(i) from None
+            for i in waiting:
+                if i not in replies and self._procs[i].sentinel in ready:
+                    raise self._dead(i)
+            now = time.monotonic()
+            if not stopping and self.stop is not None and self.stop():
+                stopping, deadline = True, min(deadline, now + self.stop_grace)
+            if len(replies) < len(active) and now >= deadline:
+                i = next(i for i in active if i not in replies)
+                if stopping:
+                    raise Interrupted(f"worker {i} (pid {self._procs[i].pid}) had not answered; call abandoned")
+                raise WorkerError(i, self._procs[i].pid, f"gave no answer in {timeout:g} s")
+        self._slowest = max(self._slowest, time.monotonic() - t0)
+        return [replies[i] for i in active]
+
     def _call(self, idx, targets, want_grads, train):
         """(loss, gradient buffer or None) over all micro-batches, on the workers if any."""
         if self.closed:
@@ -298,7 +445,9 @@ class DataParallel:
         model = self.model
         idx = model._check_idx(idx)
         targets = model._check_targets(idx, targets)
-        B = idx.shape[0]
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(f"targets must be integers, got {targets.dtype}")
+        B, T = idx.shape
         if B == 0:
             raise ValueError("the batch is empty")
         parts = micro_batches(B, self.micro_batch)
@@ -307,32 +456,46 @@ class DataParallel:
             seeds = [int(s) for s in model.rng.integers(0, 2 ** 63, size=len(parts))]
         else:
             seeds = [None] * len(parts)
+        if len(parts) > len(self._slots):  # a larger batch than the buffers were made for
+            self._stop_workers()
+            self._start(len(parts))
+        slots = self._slots[:len(parts)] if want_grads else None
         if not self._procs:
-            grads = np.empty_like(model.flat) if want_grads else None
-            return _run(model, idx, targets, chunks, seeds, grads, train), grads
-        if not all(p.is_alive() for p in self._procs):
-            raise RuntimeError("a DataParallel worker process has stopped (killed?)")
-        self._params[...] = model.flat
+            losses = _run(model, idx, targets, chunks, seeds, slots, train)
+        else:
+            losses = self._on_workers(idx, targets, chunks, seeds, want_grads, train)
+        loss = sum(losses)  # left to right, in micro-batch order
+        return loss, (sum_in_order(slots) if want_grads else None)
+
+    def _on_workers(self, idx, targets, chunks, seeds, want_grads, train):
+        """The weighted losses of all micro-batches, in order, their gradients in the shared slots."""
+        for i, p in enumerate(self._procs):
+            if not p.is_alive():
+                error = self._dead(i)
+                self._stop_workers(kill=True)
+                self.closed = True
+                raise error
+        B, T = idx.shape
+        self._shared.params[...] = self.model.flat
+        self._shared.tokens[0, :B, :T] = idx
+        self._shared.tokens[1, :B, :T] = targets
         err = np.geterr()
-        shares = split_batch(len(parts), self.workers)  # consecutive micro-batches per worker
+        shares = split_batch(len(chunks), self.workers)  # consecutive micro-batches per worker
         try:
-            for conn, share in zip(self._conns, shares):
-                conn.send((idx, targets, chunks[share], seeds[share], want_grads, train, err))
-            replies = [conn.recv() for conn in self._conns[:len(shares)]]
-        except (EOFError, OSError):  # a pipe broke: its worker died in the middle of the call
-            self.close()
-            raise RuntimeError("a DataParallel worker process exited unexpectedly") from None
-        except BaseException:  # e.g. Ctrl-C while waiting: replies would be left in the pipes, out of step
-            self.close()
+            for i, share in enumerate(shares):
+                try:
+                    self._conns[i].send((B, T, share.start, chunks[share], seeds[share], want_grads, train, err))
+                except OSError:  # its pipe is broken: the worker is gone
+                    raise self._dead(i) from None
+            replies = self._wait_for(range(len(shares)))
+        except BaseException:  # a fault, Ctrl-C while waiting...: replies would be left in the pipes, out of step
+            self._stop_workers(kill=True)
+            self.closed = True
             raise
         for status, value in replies:
             if status == "error":
                 raise value
-        loss = sum(value for _, value in replies)
-        if not want_grads:
-            return loss, None
-        grads = np.add.reduce(self._grads[:len(shares)], axis=0)  # the workers' sums, a fresh buffer
-        return loss, grads
+        return [loss for _, losses in replies for loss in losses]
 
     def loss_and_grads(self, idx, targets, train=False):
         """Same contract as TinyLLM.loss_and_grads: (mean loss, grads laid out like model.flat)."""

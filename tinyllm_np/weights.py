@@ -138,6 +138,5 @@ def load_model(path):
     """The TinyLLM saved in ``path`` (by TinyLLM.save, or a checkpoint); never unpickles."""
     config, params, chars, _ = load_npz_checked(path)
     model = TinyLLM(config, dtype=next(iter(params.values())).dtype, chars=chars)
-    for name, arr in params.items():
-        model.params[name][...] = arr
+    model.load_state_dict(params)
     return model
