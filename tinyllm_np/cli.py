@@ -28,6 +28,26 @@ class OneLineParser(argparse.ArgumentParser):
             return None, e.code
 
 
+def run_main(parser, run, user_errors, name, argv=None):
+    """Parse argv, return run(args)'s exit code; the user's errors (``user_errors``, and OSError, e.g.
+    a full disk: the atomic writes leave the old file whole) as ``<name>: error: ...``, exit 2;
+    Ctrl-C as exit 130."""
+    args, code = parser.parse_or_code(argv)
+    if args is None:
+        return code
+    try:
+        return run(args)
+    except user_errors as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"{name}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        return 130
+
+
 def stdout_gone():
     """After a BrokenPipeError (the reader left, e.g. ``| head``): exit code 0, and no error at exit.
 

@@ -548,7 +548,10 @@ class TinyLLM:
         return dx
 
     def _backward(self, dlogits, cache, grads):
-        """The forward read in reverse; adds every parameter's gradient into grads (views like params)."""
+        """The forward read in reverse; adds every parameter's gradient into grads (views like params).
+
+        Returns dx0, the gradient at the first layer's input x0 = tok_emb[idx] + pos_emb (B,T,C).
+        """
         c_tok, block_caches, c_ln, c_head, T = cache
         L = self.L
         dx, dhead, _ = L.linear_backward(dlogits, c_head)
@@ -561,6 +564,7 @@ class TinyLLM:
         # x = tok_emb[idx] + pos_emb[:T]: the sum sends dx to both terms
         grads["pos_emb.weight"][:T] += dx.sum(axis=0)  # rows past T were not used: no gradient
         grads["tok_emb.weight"] += L.embedding_backward(dx, c_tok)
+        return dx
 
     def _dropout_rng(self, train, rng):
         """The generator dropout draws from, or None for no dropout."""
@@ -615,6 +619,16 @@ class TinyLLM:
             grads = flat_views(self.shapes, np.zeros_like(self.flat))
         self._backward(self.L.cross_entropy_backward(weight, c_ce), cache, grads)
         return loss, grads
+
+    def input_grad(self, idx, dlogits):
+        """d(sum(dlogits * logits)) / d x0 (B,T,C), x0 = tok_emb[idx] + pos_emb, evaluation mode.
+
+        The hand-written backward run down to the first layer's input; with
+        dlogits = d loss_p / d logits it gives d loss_p / d x0 (inspect.py's saliency).
+        """
+        logits, cache = self._forward(self._check_idx(idx), rng=None)
+        return self._backward(dlogits.astype(self.dtype, copy=False), cache,
+                              flat_views(self.shapes, np.zeros_like(self.flat)))
 
     # ---------------------------------------------------------- save/load
 

@@ -78,6 +78,7 @@ from .parallel import DataParallel, Interrupted, WorkerError, auto_micro_batch, 
 from .tokenizer import CharTokenizer
 from .weights import CHECKPOINT_KEYS, WeightsError, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
+from .inspect import InspectError, Timeline
 
 
 class TrainError(Exception):
@@ -155,6 +156,12 @@ def build_parser():
     e.add_argument("--eval-batches", type=int, default=8)
     e.add_argument("--log-every", type=int, default=50, help="progress lines when stderr is not a terminal")
     e.add_argument("--quiet", action="store_true", help="no progress output")
+    e.add_argument("--inspect-text", default=None, metavar="TEXT",
+                   help="record the inspector's views of TEXT (see tinyllm_np/inspect.py) at step 0, every "
+                        "--inspect-every steps and at the end, for `python -m tinyllm_np.inspect --timeline`")
+    e.add_argument("--inspect-every", type=int, default=100, help="steps between snapshots (default: %(default)s)")
+    e.add_argument("--inspect-out", default=None,
+                   help="the timeline file (default: beside --out, <out>_timeline.json)")
     return ap
 
 
@@ -213,6 +220,7 @@ def validate_args(args):
         (args.ckpt_every > 0, f"--ckpt-every must be positive, got {args.ckpt_every}"),
         (args.eval_every >= 0 and args.eval_batches > 0, "--eval-every must be >= 0 and --eval-batches > 0"),
         (args.log_every > 0, f"--log-every must be positive, got {args.log_every}"),
+        (args.inspect_every > 0, f"--inspect-every must be positive, got {args.inspect_every}"),
         (args.worker_timeout is None or args.worker_timeout > 0,
          f"--worker-timeout must be a positive number of seconds, got {args.worker_timeout}"),
     ]
@@ -416,6 +424,9 @@ def train(args):
     outputs = [(args.out, "--out"), (args.checkpoint, "--checkpoint"), (args.log, "--log")]
     if args.plot:
         outputs.append((args.plot, "--plot"))
+    if args.inspect_text is not None:
+        args.inspect_out = args.inspect_out or os.path.splitext(args.out)[0] + "_timeline.json"
+        outputs.append((args.inspect_out, "--inspect-out"))
     for path, what in outputs:
         check_writable(path, what)
     reuse_freed_memory()  # about a quarter faster per step on glibc; see alloc.py
@@ -506,6 +517,16 @@ def train(args):
                   f"({len(val_ids):,} held out: {corpus.split}), vocabulary {len(tok)}; {steps_per_epoch} steps/epoch, "
                   f"{total} steps, micro-batches of {args.micro_batch} on {workers} worker(s)"
                   + (f", resuming at step {step}" if step else ""))
+    timeline = None
+    if args.inspect_text is not None:  # evaluation-mode views of a float64 copy: the training numbers are untouched
+        try:
+            timeline = Timeline(args.inspect_out, model, args.inspect_text, args.out,
+                                resume_step=step if args.resume else None)
+        except InspectError as e:
+            raise TrainError(f"--inspect-text: {e}") from None
+        for n in timeline.notices:
+            progress.note(f"train: --inspect-text: {n}")
+        timeline.record(step)
     stop = StopRequest()
     old_handlers, dp = {}, None
     t_start = time.perf_counter()
@@ -552,6 +573,8 @@ def train(args):
             log_f.flush()
             row = None
             progress.update(step, loss, tps, extra)
+            if timeline is not None and (step % args.inspect_every == 0 or step == total):
+                timeline.record(step)
             if step % args.ckpt_every == 0 or step == total:
                 save_checkpoint(args.checkpoint, model, opt, checkpoint_state())
         if stop.signum is not None:
