@@ -144,3 +144,19 @@ def test_encode_utf8_matches_encode():
         assert ids.dtype == np.uint8 and np.array_equal(ids, tok.encode(t))
     with pytest.raises(ValueError, match="not in the vocabulary: 'z😀'"):
         tok.encode_utf8("oz😀".encode())
+
+
+def test_the_header_never_overwrites_the_first_ids(tmp_path):
+    """The header's room is reserved before the split's description and counts are known: whatever their
+    length, the file decodes to the text and reopens as it is.  Vocabularies of 150-199 characters (12 bytes
+    each in the header, twice) and file names of 0-11 extra characters move the header across every offset
+    near a 4,096-byte boundary; the tail repeats training lines, so the description of dropped lines is long."""
+    for n_chars in range(150, 200):
+        chars = "".join(chr(0x100 + i) for i in range(n_chars))
+        lines = [chars[i:] + chars[:i] for i in range(6)]
+        text = "\n".join(lines + lines[:2]) + "\n"
+        for extra in range(12):
+            src, ids = tmp_path / f"t{'x' * extra}.txt", tmp_path / f"{n_chars}_{extra}.ids"
+            src.write_text(text, encoding="utf-8")
+            c = open_corpus(src, ids, 0.3)
+            assert CharTokenizer(c.chars).decode(c.train[:n_chars]) == lines[0], (n_chars, extra)

@@ -426,3 +426,10 @@ def test_train_auto_picks_and_records_the_micro_batch_and_explicit_flags_win(cap
                            "--checkpoint", str(ck)]) == 0
         assert f"micro-batches of {want_mb} on {want_w} worker(s)" in capsys.readouterr().err
         assert T.load_checkpoint(ck)[5]["hparams"]["micro_batch"] == want_mb  # resume takes this one
+
+
+def test_worker_start_up_does_not_count_against_a_call_timeout():
+    """Starting a worker (an interpreter, NumPy, the model) takes longer than a short --worker-timeout;
+    the first call waits for the workers' "ready" under STARTUP_TIMEOUT, then times its own work only."""
+    with DataParallel(small_model(), 2, micro_batch=2, timeout=0.1) as dp:  # a call: a few ms
+        assert dp.loss(*batch(4)) > 0

@@ -609,3 +609,18 @@ def test_resume_refuses_a_flag_that_changes_the_model_or_the_data(tmp_path, text
 def test_given_flags_sees_flags_equal_to_their_defaults():
     assert T.given_flags(["--lr", "3e-3", "--resume", "--data=x.txt"]) == {"lr", "resume", "data"}
     assert T.given_flags([]) == set()
+
+
+def test_resume_accepts_micro_batch_auto_when_it_gives_the_checkpoints_size(tmp_path, text_file, capsys):
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "2")) == 0  # auto: the size from the shapes
+    assert T.main(run_args(tmp_path, text_file, "--resume", "--max-steps", "4", "--micro-batch", "auto")) == 0
+    assert T.main(run_args(tmp_path, text_file, "--resume", "--max-steps", "6", "--micro-batch", "1")) == 2
+    assert "--micro-batch 1 differs from the checkpoint's" in capsys.readouterr().err
+
+
+def test_a_bad_inspect_text_leaves_the_log_as_it_was(tmp_path, text_file, capsys):
+    assert T.main(run_args(tmp_path, text_file, "--max-steps", "3")) == 0
+    before = (tmp_path / "log.csv").read_bytes()
+    assert T.main(run_args(tmp_path, text_file, "--resume", "--max-steps", "5", "--inspect-text", "\u00e9\u00e9\u00e9")) == 2
+    assert capsys.readouterr().err.startswith("train: error: --inspect-text: ")
+    assert (tmp_path / "log.csv").read_bytes() == before

@@ -353,8 +353,9 @@ def open_corpus(text_path, ids_path, val_frac, chars=None, sha256=None):
                 "source": os.path.abspath(text_path), "split": SPLIT_RULE, "val_frac": val_frac,
                 "chars": chars, "text_chars": scan.chars, "dtype": tok.dtype.name, "n_train": 0, "n_val": 0, "desc": "",
                 "ids_sha256": "0" * 64}
-        # the header's size, fixed before the ids are written: room for the counts' digits
-        n = len(_header_bytes(head, 0)) + 64
+        # the header's size, fixed before the ids are written: room for the counts' digits and the split's
+        # description (under 200 bytes), checked below before the header is written over the reserved space
+        n = len(_header_bytes(head, 0)) + 1024
         n = -(-n // 4096) * 4096
 
         def write(out):
@@ -377,8 +378,11 @@ def open_corpus(text_path, ids_path, val_frac, chars=None, sha256=None):
                     h.update(block)
                     out.write(block)
             head.update(n_train=counts[0], n_val=counts[1], ids_sha256=h.hexdigest())
+            header = _header_bytes(head, n)
+            if len(header) != n:  # would overwrite the first ids: never write such a file
+                raise RuntimeError(f"ids header of {len(header)} bytes does not fit the {n} reserved")
             out.seek(0)
-            out.write(_header_bytes(head, n))
+            out.write(header)
 
         atomic_write(ids_path, write, suffix=".ids")
     head["header_bytes"] = n

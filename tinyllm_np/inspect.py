@@ -77,10 +77,10 @@ def prepare_text(text, chars, context):
 # ---------------------------------------------------------------- computing
 
 def _float64(model):
-    """The model itself if float64, else a float64 copy of its parameters (its generators untouched)."""
-    if model.dtype == np.float64:
+    """The model itself if float64 on the fast engine, else a float64 fast-engine copy (its generators untouched)."""
+    if model.dtype == np.float64 and model.engine == "fast":  # the attention cache read is the fast engine's
         return model
-    m = TinyLLM(model.config, dtype=np.float64, chars=model.chars)
+    m = TinyLLM(model.config, dtype=np.float64, chars=model.chars)  # the fast engine
     m.flat[...] = model.flat
     return m
 

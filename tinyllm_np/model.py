@@ -448,8 +448,8 @@ class TinyLLM:
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
             raise ValueError(f"tokens must be a non-empty 1-D integer array (B,), got {tokens.dtype} {tokens.shape}")
         B = tokens.shape[0]
-        if cache[0][0].shape[0] != B:
-            raise ValueError(f"the cache holds {cache[0][0].shape[0]} streams, got {B} tokens")
+        self._check_cache(cache, B)  # B streams, every layer (zip would skip missing ones)
+        pos = _as_int(pos, "position")
         if not 0 <= pos < cfg.context:
             raise ValueError(f"position {pos} is outside the context of {cfg.context}")
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:

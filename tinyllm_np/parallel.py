@@ -13,10 +13,11 @@ the workers are processes on the cores of one machine.
 
 Two things make it pay on a CPU:
 
-* Small micro-batches (``micro_batch``, default 4 sequences): a micro-batch's
-  activations, about 1 MB an array, stay in the core's 2 MB L2 cache through
-  the dozen elementwise passes over each (softmax, layer norm, ...), where the
-  16-sequence arrays of a half batch spill to memory.  Measured on one core: a
+* Small micro-batches (``micro_batch``, by default auto_micro_batch: 4
+  sequences at the original's shapes): a micro-batch's activations, about
+  1 MB an array, stay in the core's 2 MB L2 cache through the dozen
+  elementwise passes over each (softmax, layer norm, ...), where 16-sequence
+  arrays spill to memory.  Measured on one core: a
   forward and backward of 16 sequences takes 110 ms as one batch and 95 ms as
   four micro-batches of 4.
 * All cores at once: NumPy runs elementwise operations on one core, and BLAS's
@@ -228,6 +229,9 @@ _ONE_THREAD_ENV = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREA
                                           "VECLIB_MAXIMUM_THREADS")}
 
 
+STARTUP_TIMEOUT = 120.0  # seconds a worker may take to start (interpreter, NumPy, model) before its first call
+
+
 def _send_error(conn, e):
     """Hand an exception to the parent, which raises it; its text in a RuntimeError if it would not unpickle."""
     try:
@@ -272,6 +276,7 @@ def _worker_main(conn, config, dtype, engine, shared, reuse_memory):
     blas_threads(1)  # one core each: the workers already fill the machine
     model = TinyLLM(config, dtype=dtype, engine=engine)  # the caller's engine: the same numbers
     try:
+        conn.send(("ready", None))  # start-up (an interpreter, NumPy, the model) is not a call's time
         while True:
             msg = conn.recv()
             if msg is None:
@@ -354,7 +359,8 @@ class DataParallel:
     """
 
     def __init__(self, model, workers=None, micro_batch=None, batch_size=32, timeout=None, stop=None, stop_grace=5.0):
-        """workers / micro_batch None: auto_workers / auto_micro_batch for batches of ``batch_size``."""
+        """workers / micro_batch None: auto_workers / auto_micro_batch for batches of ``batch_size``
+        (with the model's itemsize; train.py's auto takes 4, float32's, whatever the dtype)."""
         if micro_batch is None:
             micro_batch = auto_micro_batch(model.config, batch_size, model.dtype.itemsize)
         if workers is None:
@@ -375,6 +381,7 @@ class DataParallel:
     def _start(self, capacity):
         """Make the buffers for ``capacity`` micro-batches and, with more than one worker, start the workers."""
         model = self.model
+        self._ready = False  # the workers' "ready" is awaited before their first call (_on_workers)
         if self.workers == 1:
             self._slots = np.empty((capacity, model.n_params), model.dtype)
             return
@@ -464,9 +471,14 @@ class DataParallel:
             what = f"exited with code {code}"
         return WorkerError(i, p.pid, what)
 
-    def _wait_for(self, active):
-        """Replies of workers ``active`` (numbers), in that order; WorkerError or Interrupted if they fail."""
-        timeout = self.timeout if self.timeout is not None else max(120.0, 30 * self._slowest)
+    def _wait_for(self, active, timeout=None):
+        """Replies of workers ``active`` (numbers), in that order; WorkerError or Interrupted if they fail.
+
+        ``timeout`` None: the call's, ``self.timeout`` or else max(120 s, 30 x the slowest call so far).
+        """
+        call = timeout is None
+        if call:
+            timeout = self.timeout if self.timeout is not None else max(120.0, 30 * self._slowest)
         t0 = time.monotonic()
         deadline, stopping = t0 + timeout, False
         replies = {}
@@ -491,7 +503,8 @@ class DataParallel:
                 if stopping:
                     raise Interrupted(f"worker {i} (pid {self._procs[i].pid}) had not answered; call abandoned")
                 raise WorkerError(i, self._procs[i].pid, f"gave no answer in {timeout:g} s")
-        self._slowest = max(self._slowest, time.monotonic() - t0)
+        if call:
+            self._slowest = max(self._slowest, time.monotonic() - t0)
         return [replies[i] for i in active]
 
     def _call(self, idx, targets, want_grads, train):
@@ -501,8 +514,6 @@ class DataParallel:
         model = self.model
         idx = model._check_idx(idx)
         targets = model._check_targets(idx, targets)
-        if not np.issubdtype(targets.dtype, np.integer):
-            raise ValueError(f"targets must be integers, got {targets.dtype}")
         B, T = idx.shape
         if B == 0:
             raise ValueError("the batch is empty")
@@ -538,6 +549,9 @@ class DataParallel:
         err = np.geterr()
         shares = split_batch(len(chunks), self.workers)  # consecutive micro-batches per worker
         try:
+            if not self._ready:  # their start-up gets STARTUP_TIMEOUT, whatever a call's timeout
+                self._wait_for(range(len(self._procs)), max(STARTUP_TIMEOUT, self.timeout or 0))
+                self._ready = True
             for i, share in enumerate(shares):
                 try:
                     self._conns[i].send((B, T, share.start, chunks[share], seeds[share], want_grads, train, err))

@@ -42,8 +42,10 @@ recipe runs, and flags given on the command line are never silently ignored:
             shape (--d-model --n-layers --n-heads --d-ff --context
             --norm-first --activation --dropout) and what the steps see
             (--batch-size --micro-batch --seed --val-frac);
-  the rest (--workers, --worker-timeout, outputs, logging, evaluation) are
-            this run's choice.
+  the rest (--workers, --worker-timeout, --engine, outputs, logging,
+            evaluation, --inspect-*) are this run's choice: --engine changes
+            the numbers only by float rounding (tests/test_reference.py), the
+            others not at all.
 
 Exit codes: 0 done; 1 a non-finite loss/gradient/parameter (nothing more is
 saved) or a worker process that died or stopped answering (the parameters of
@@ -68,7 +70,7 @@ import time
 import numpy as np
 
 from .alloc import reuse_freed_memory
-from .cli import EXIT_USAGE, OneLineParser
+from .cli import OneLineParser, run_main
 from .data import DataError, file_sha256, fixed_windows, open_corpus, sample_batch
 from .dataset import BOT, END, USER
 from .reference import dropout_threshold
@@ -184,6 +186,8 @@ def given_flags(argv):
 
 def resume_recipe(args, config, hp, given):
     """Set args to the checkpoint's recipe ``hp``, except the flags in ``given``; TrainError for a refused one."""
+    if "micro_batch" in given and args.micro_batch == "auto":  # what auto gives this checkpoint's shapes
+        args.micro_batch = auto_micro_batch(config, hp["batch_size"])
     for name in SHAPE_FLAGS + DATA_FLAGS:
         theirs = getattr(config, name) if name in SHAPE_FLAGS else hp.get(name)
         if name in given and getattr(args, name) != theirs:
@@ -508,7 +512,6 @@ def train(args):
         workers = auto_workers(B, args.micro_batch)
     else:
         workers = min(args.workers, len(micro_batches(B, args.micro_batch)))  # none that would never get work
-    log_f, log_w = open_log(args.log, step if args.resume else None)
     progress = Progress(total, args.quiet, args.log_every)
     if corpus.rebuilt:
         progress.note(f"token ids of {args.data} written to {corpus.path}"
@@ -527,6 +530,7 @@ def train(args):
         for n in timeline.notices:
             progress.note(f"train: --inspect-text: {n}")
         timeline.record(step)
+    log_f, log_w = open_log(args.log, step if args.resume else None)  # after every input check: a bad one keeps the log
     stop = StopRequest()
     old_handlers, dp = {}, None
     t_start = time.perf_counter()
@@ -615,21 +619,11 @@ def train(args):
 
 
 def main(argv=None):
-    args, code = build_parser().parse_or_code(argv)
-    if args is None:
-        return code
-    args.given = given_flags(sys.argv[1:] if argv is None else argv)
-    try:
+    def run(args):
+        args.given = given_flags(sys.argv[1:] if argv is None else argv)  # for the --resume rules
         return train(args)
-    except (TrainError, DataError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # e.g. the disk filled up while saving; the previous file is intact
-        print(f"train: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\ntrain: interrupted", file=sys.stderr)
-        return 130
+
+    return run_main(build_parser(), run, (TrainError, DataError), "train", argv)
 
 
 if __name__ == "__main__":
