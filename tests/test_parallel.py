@@ -218,7 +218,7 @@ def test_the_stop_flag_is_polled_while_waiting():
 
     requested = []
     model = small_model()
-    with DataParallel(model, 2, micro_batch=2, timeout=60, stop=lambda: bool(requested), stop_grace=0.3) as dp:
+    with DataParallel(model, 2, micro_batch=2, timeout=60, stop=lambda: bool(requested), stop_grace=2.0) as dp:  # room on a loaded machine
         dp.loss(*batch(4))
         requested.append(True)
         assert dp.loss(*batch(4)) == pytest.approx(model.loss(*batch(4)), rel=1e-13)  # answered in time
@@ -227,7 +227,7 @@ def test_the_stop_flag_is_polled_while_waiting():
         t0 = time.monotonic()
         with pytest.raises(Interrupted, match=rf"worker 0 \(pid {pids[0]}\) had not answered"):
             dp.loss(*batch(4))
-        assert time.monotonic() - t0 < 5
+        assert 2.0 <= time.monotonic() - t0 < 10  # the grace, not the 60 s timeout
         assert dp.closed and _gone(pids)
 
 
