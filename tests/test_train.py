@@ -442,6 +442,16 @@ def _run_until(tmp_path, text_file, flags, at_step=8):
     return proc, pids
 
 
+def _ended(proc, code, pattern):
+    """Wait for train.py; its exit code must be ``code`` and stderr's one line match ``pattern``: the match."""
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    line = _the_one_line(err)
+    m = re.fullmatch(pattern, line)
+    assert m, line
+    return m
+
+
 def _the_one_line(err):
     """stderr without the progress lines: must be exactly one line."""
     lines = [ln for ln in err.splitlines() if ln and not ln.startswith(("step ", "training "))]
@@ -470,12 +480,8 @@ def _resumed_equals(tmp_path, text_file, uninterrupted, saved, *flags):
 def test_a_killed_worker_saves_the_last_step_and_resume_is_bitwise(tmp_path, text_file, uninterrupted):
     proc, pids = _run_until(tmp_path, text_file, [])
     os.kill(pids[1], signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, err
-    line = _the_one_line(err)
-    m = re.fullmatch(rf"train: error: worker 1 \(pid {pids[1]}\) was killed by SIGKILL during step (\d+); "
-                     rf"saved step (\d+) to \S+; continue with --resume", line)
-    assert m, line
+    m = _ended(proc, 1, rf"train: error: worker 1 \(pid {pids[1]}\) was killed by SIGKILL during step (\d+); "
+                        rf"saved step (\d+) to \S+; continue with --resume")
     failed, saved = int(m[1]), int(m[2])
     assert failed == saved + 1 and saved >= 8
     assert not (tmp_path / "w.npz").exists()
@@ -486,16 +492,12 @@ def test_a_stopped_worker_times_out_and_resume_on_one_worker_is_bitwise(tmp_path
     proc, pids = _run_until(tmp_path, text_file, ["--worker-timeout", "3"])  # margin for a loaded machine
     try:
         os.kill(pids[0], signal.SIGSTOP)
-        _, err = proc.communicate(timeout=60)
+        m = _ended(proc, 1, rf"train: error: worker 0 \(pid {pids[0]}\) gave no answer in 3 s during step (\d+); "
+                            rf"saved step (\d+) to \S+; continue with --resume")
     finally:
         if os.path.exists(f"/proc/{pids[0]}") and "zombie" not in open(f"/proc/{pids[0]}/status").read():
             os.kill(pids[0], signal.SIGKILL)
             raise AssertionError("train.py left its stopped worker behind")
-    assert proc.returncode == 1, err
-    line = _the_one_line(err)
-    m = re.fullmatch(rf"train: error: worker 0 \(pid {pids[0]}\) gave no answer in 3 s during step (\d+); "
-                     rf"saved step (\d+) to \S+; continue with --resume", line)
-    assert m, line
     _resumed_equals(tmp_path, text_file, uninterrupted, int(m[2]), "--workers", "1")
 
 
@@ -505,12 +507,8 @@ def test_sigterm_is_acted_on_while_a_worker_is_stuck(tmp_path, text_file, uninte
     os.kill(pids[0], signal.SIGSTOP)
     time.sleep(0.5)  # a step takes milliseconds: by now train.py waits for worker 0 in the middle of a step
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    line = _the_one_line(err)
-    m = re.fullmatch(rf"train: SIGTERM at step (\d+): worker 0 \(pid {pids[0]}\) had not answered; "
-                     rf"call abandoned; checkpoint saved to \S+; continue with --resume", line)
-    assert m, line
+    m = _ended(proc, 143, rf"train: SIGTERM at step (\d+): worker 0 \(pid {pids[0]}\) had not answered; "
+                          rf"call abandoned; checkpoint saved to \S+; continue with --resume")
     _resumed_equals(tmp_path, text_file, uninterrupted, int(m[1]), "--workers", "3")
 
 
