@@ -95,8 +95,8 @@ def random_batch(cfg, B, seed=0):
     return rng.integers(0, cfg.vocab_size, (B, cfg.context)), rng.integers(0, cfg.vocab_size, (B, cfg.context))
 
 
-def bench_numpy_step(cfg, B, steps, workers, micro_batch, seed=0):
-    """(median seconds, workers' peak RSS in MB) of a training step as train.py runs it.
+def numpy_stepper(cfg, B, workers, micro_batch, seed=0):
+    """(step, DataParallel): a training step as train.py runs it, and the workers it runs on (close them).
 
     The batch is cut into micro-batches of ``micro_batch`` sequences, run by
     ``workers`` processes (parallel.DataParallel); the AdamW step runs in this process.
@@ -104,14 +104,13 @@ def bench_numpy_step(cfg, B, steps, workers, micro_batch, seed=0):
     model = TinyLLM(cfg, seed=seed)
     opt = AdamW(model.params, lr=3e-3, weight_decay=0.01)
     x, y = random_batch(cfg, B, seed)
-    with DataParallel(model, workers, micro_batch) as dp:
+    dp = DataParallel(model, workers, micro_batch, batch_size=B)
 
-        def step():
-            _, grads = dp.loss_and_grads(x, y, train=True)
-            opt.step(grads)
+    def step():
+        _, grads = dp.loss_and_grads(x, y, train=True)
+        opt.step(grads)
 
-        t = median_time(step, steps)
-        return t, sum(peak_rss_of(pid) for pid in dp.pids())
+    return step, dp
 
 
 def bench_plain_step(cfg, B, steps, seed=0):
@@ -122,8 +121,8 @@ def bench_plain_step(cfg, B, steps, seed=0):
     return median_time(lambda: opt.step(model.loss_and_grads(x, y, train=True)[1]), steps)
 
 
-def bench_torch_step(cfg, B, steps, module="gpt", seed=0):
-    """Median seconds of a PyTorch training step (forward, backward, AdamW).
+def torch_stepper(cfg, B, module="gpt", seed=0):
+    """A PyTorch training step (forward, backward, AdamW), as a function.
 
     module "gpt": torch_ref.TorchGPT, nanoGPT's block on F.scaled_dot_product_attention;
     "encoder": torch_ref.TorchTinyLLM, nn.TransformerEncoderLayer, as the original.
@@ -143,7 +142,39 @@ def bench_torch_step(cfg, B, steps, module="gpt", seed=0):
         loss.backward()
         opt.step()
 
-    return median_time(step, steps)
+    return step
+
+
+def paired_rounds(steps_fns, steps, rounds):
+    """(median seconds of each function's step, median over rounds of the first's / the fastest other's).
+
+    The functions take turns, round after round, so that a drift in the
+    machine's speed (a shared machine's speed moves by several per cent within
+    minutes) reaches all of them alike: in each round every function runs one
+    untimed step (its caches warm up, and the threads of the one before it --
+    PyTorch's spin for a few ms after its work -- go to sleep), then its share
+    of ``steps`` timed ones.  The ratio is taken within each round, where the
+    machine was the same for both, and its median reported.  With a single
+    function the ratio is None.
+    """
+    rounds = max(1, min(rounds, steps))
+    times = [[] for _ in steps_fns]
+    ratios = []
+    for r in range(rounds):
+        per_round = steps // rounds + (r < steps % rounds)
+        medians = []
+        for fn, ts in zip(steps_fns, times):
+            fn()
+            mine = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                mine.append(time.perf_counter() - t0)
+            ts.extend(mine)
+            medians.append(statistics.median(mine))
+        if len(medians) > 1:
+            ratios.append(medians[0] / min(medians[1:]))
+    return [statistics.median(ts) for ts in times], (statistics.median(ratios) if ratios else None)
 
 
 def bench_generation(model, prompt_len, n_chars, seed=0, repeats=3):
@@ -251,6 +282,8 @@ def main(argv=None):
                     help=f"comma-separated configurations of the matrix, from {', '.join(CONFIGS)} "
                          "(default: all)")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per measurement (median)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds the steps are spread over, ours and PyTorch's taking turns (default: 5)")
     ap.add_argument("--gen-chars", type=int, default=500, help="characters generated per generation test")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     ap.add_argument("--torch-threads", type=int, default=2, help="PyTorch's intra-op threads (default: 2)")
@@ -271,8 +304,8 @@ def main(argv=None):
     if unknown or not names:
         ap.error(f"--configs: unknown configuration {unknown[0] if unknown else ''!r}; "
                  f"choose from {', '.join(CONFIGS)}")
-    if args.steps < 1 or args.gen_chars < 1 or args.torch_threads < 1:
-        ap.error("--steps, --gen-chars and --torch-threads must be positive")
+    if min(args.steps, args.rounds, args.gen_chars, args.torch_threads) < 1:
+        ap.error("--steps, --rounds, --gen-chars and --torch-threads must be positive")
     print(f"machine: {machine()}")
     if args.default_malloc:
         print("allocator: glibc defaults (--default-malloc)")
@@ -292,7 +325,8 @@ def main(argv=None):
     if torch is not None:
         print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads; 'gpt': nanoGPT's block on "
               "F.scaled_dot_product_attention (torch_ref.TorchGPT), 'encoder': nn.TransformerEncoderLayer")
-    print(f"training steps (forward, backward, AdamW), median of {args.steps}; ratio = ours / the faster PyTorch")
+    print(f"training steps (forward, backward, AdamW), median of {args.steps} in {max(1, min(args.rounds, args.steps))} "
+          "rounds, ours and PyTorch's in turn; ratio = ours / the faster PyTorch, within each round")
     workers_rss, table = 0.0, []
     for name in names:
         what, cfg, B = CONFIGS[name]
@@ -300,18 +334,24 @@ def main(argv=None):
         mb = micro_batch or auto_micro_batch(cfg, B)
         w = workers or auto_workers(B, mb)
         flops = step_flops(cfg, B, T)
-        t, rss = bench_numpy_step(cfg, B, args.steps, w, mb)
-        workers_rss = max(workers_rss, rss)
+        step, dp = numpy_stepper(cfg, B, w, mb)
+        try:
+            fns = [step]
+            if torch is not None:
+                fns += [torch_stepper(cfg, B, "gpt"), torch_stepper(cfg, B, "encoder")]
+            (t, *torch_times), ratio = paired_rounds(fns, args.steps, args.rounds)
+            workers_rss = max(workers_rss, sum(peak_rss_of(pid) for pid in dp.pids()))
+        finally:
+            dp.close()
         print(f"[{name}] {what}; B={B}, T={T}, {TinyLLM(cfg).n_params:,} parameters, {flops / 1e9:.2f} GFLOP")
         print(f"  numpy training step, dropout {cfg.dropout}, micro-batches of {mb}, {w} worker(s): "
               f"{t * 1e3:.1f} ms ({B * T / t:,.0f} tokens/s, {100 * flops / t / 1e9 / peak:.1f}% of peak)")
         row = [name, t]
         if torch is not None:
-            tg = bench_torch_step(cfg, B, args.steps, "gpt")
-            te = bench_torch_step(cfg, B, args.steps, "encoder")
+            tg, te = torch_times
             print(f"  torch gpt {tg * 1e3:.1f} ms, torch encoder {te * 1e3:.1f} ms; "
-                  f"numpy/torch: {t / min(tg, te):.2f}")
-            row += [tg, te, t / min(tg, te)]
+                  f"numpy/torch: {ratio:.2f} (median of {max(1, min(args.rounds, args.steps))} rounds' ratios)")
+            row += [tg, te, ratio]
         table.append(row)
     train_rss = peak_rss_mb()
     others_rss = sum(peak_rss_of(pid) for pid in child_pids())  # multiprocessing's resource tracker
