@@ -150,3 +150,24 @@ def test_gradients_can_be_weighted_and_accumulated():
     for k in ga:
         np.testing.assert_allclose(acc[k], 0.25 * ga[k] + 0.75 * gb[k], rtol=1e-12, atol=1e-15)
     assert any(np.abs(ga[k] - gb[k]).max() > 1e-3 for k in ga)  # two different gradients were mixed
+
+
+def test_a_model_over_a_given_buffer_uses_it_as_it_is():
+    """TinyLLM(flat=buf) (how parallel.py's workers see the caller's shared parameters): no init, no copy."""
+    ref = TinyLLM(Config(**SMALL), seed=3)
+    buf = ref.flat.copy()
+    m = TinyLLM(Config(**SMALL), seed=99, flat=buf)
+    assert m.flat is buf and np.array_equal(buf, ref.flat)  # the seed did not re-initialise it
+    idx = np.arange(20).reshape(2, 10) % 13
+    assert np.array_equal(m.forward(idx), ref.forward(idx))
+    buf[:] *= 2  # a write to the buffer is the model's new parameters
+    assert not np.array_equal(m.forward(idx), ref.forward(idx))
+    n = ref.n_params
+    for bad in (np.zeros(n - 1, np.float32), np.zeros(n, np.float64), np.zeros((1, n), np.float32),
+                np.zeros(2 * n, np.float32)[::2], [0.0] * n):
+        with pytest.raises(ValueError, match="flat must be"):
+            TinyLLM(Config(**SMALL), flat=bad)
+    frozen = np.zeros(n, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="flat must be"):
+        TinyLLM(Config(**SMALL), flat=frozen)

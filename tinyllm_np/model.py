@@ -162,7 +162,11 @@ class TinyLLM:
 
     ENGINES = {"fast": L, "reference": reference}
 
-    def __init__(self, config, seed=0, dtype=np.float32, chars=None, engine="fast"):
+    def __init__(self, config, seed=0, dtype=np.float32, chars=None, engine="fast", flat=None):
+        """``flat``: an existing 1-D array of n_params numbers of ``dtype`` to hold the parameters,
+        taken as it is and not initialised (parallel.py's workers run on the caller's parameters
+        in shared memory this way, without a copy per call); None: a new one, initialised as
+        PyTorch initialises the original's modules (from ``seed``)."""
         self.config = config
         if engine not in self.ENGINES:
             raise ValueError(f"engine must be one of {sorted(self.ENGINES)}, got {engine!r}")
@@ -173,7 +177,15 @@ class TinyLLM:
         self.chars = None if chars is None else list(chars)
         self.shapes = config.param_shapes()
         self.n_params = sum(math.prod(s) for s in self.shapes.values())
-        self._flat = np.zeros(self.n_params, dtype=self.dtype)
+        if flat is None:
+            self._flat = np.zeros(self.n_params, dtype=self.dtype)
+        elif not (isinstance(flat, np.ndarray) and flat.shape == (self.n_params,) and flat.dtype == self.dtype
+                  and flat.flags.c_contiguous and flat.flags.writeable):
+            raise ValueError(f"flat must be a writeable contiguous 1-D {self.dtype} array of {self.n_params} "
+                             f"numbers, got {type(flat).__name__} {getattr(flat, 'dtype', '')} "
+                             f"{getattr(flat, 'shape', '')}")
+        else:
+            self._flat = flat
         self._params = ParamDict(flat_views(self.shapes, self._flat))
         # each layer's 12 parameters in param_shapes' order (in_proj w, b; out_proj w, b; linear1 w, b;
         # linear2 w, b; norm1 w, b; norm2 w, b) for decode_step's hot loop; views, so they follow
@@ -181,7 +193,8 @@ class TinyLLM:
         self._layer_params = [tuple(a for name, a in self.params.items() if name.startswith(f"layers.{i}."))
                               for i in range(config.n_layers)]
         self.rng = np.random.default_rng(seed)  # dropout masks come from here
-        self._init_weights(np.random.default_rng(seed))
+        if flat is None:
+            self._init_weights(np.random.default_rng(seed))
 
     @property
     def flat(self):

@@ -213,8 +213,8 @@ def sum_in_order(rows):
     workers (np.add.reduce might sum a short axis pairwise, an order that is
     not the documented one).
     """
-    total = rows[0].copy()
-    for row in rows[1:]:
+    total = np.add(rows[0], rows[1]) if len(rows) > 1 else rows[0].copy()  # the first sum written, not copied then added
+    for row in rows[2:]:
         total += row
     return total
 
@@ -274,7 +274,8 @@ def _worker_main(conn, config, dtype, engine, shared, reuse_memory):
     if reuse_memory:  # the parent's allocator setting (alloc.py): 112 -> 100 ms a step, measured
         alloc.reuse_freed_memory()
     blas_threads(1)  # one core each: the workers already fill the machine
-    model = TinyLLM(config, dtype=dtype, engine=engine)  # the caller's engine: the same numbers
+    # the caller's engine (the same numbers), on the caller's parameters in shared memory: no copy per call
+    model = TinyLLM(config, dtype=dtype, engine=engine, flat=shared.params)
     try:
         conn.send(("ready", None))  # start-up (an interpreter, NumPy, the model) is not a call's time
         while True:
@@ -283,7 +284,6 @@ def _worker_main(conn, config, dtype, engine, shared, reuse_memory):
                 return
             B, T, first, chunks, seeds, want_grads, train, err = msg
             try:
-                model.flat[...] = shared.params
                 idx, targets = shared.tokens[0, :B, :T], shared.tokens[1, :B, :T]
                 slots = shared.slots[first:first + len(chunks)] if want_grads else None
                 with np.errstate(**err):
@@ -543,15 +543,16 @@ class DataParallel:
                 self.closed = True
                 raise error
         B, T = idx.shape
-        self._shared.params[...] = self.model.flat
-        self._shared.tokens[0, :B, :T] = idx
-        self._shared.tokens[1, :B, :T] = targets
         err = np.geterr()
         shares = split_batch(len(chunks), self.workers)  # consecutive micro-batches per worker
         try:
             if not self._ready:  # their start-up gets STARTUP_TIMEOUT, whatever a call's timeout
                 self._wait_for(range(len(self._procs)), max(STARTUP_TIMEOUT, self.timeout or 0))
                 self._ready = True
+            # the workers read these while they run a call, so they are written only between calls
+            self._shared.params[...] = self.model.flat
+            self._shared.tokens[0, :B, :T] = idx
+            self._shared.tokens[1, :B, :T] = targets
             for i, share in enumerate(shares):
                 try:
                     self._conns[i].send((B, T, share.start, chunks[share], seeds[share], want_grads, train, err))
