@@ -29,9 +29,10 @@ Two things make it pay on a CPU:
   the optimizer step) took 105-106 ms in two threads, 95-101 ms in two processes.
 
 The parameters reach the workers through shared memory: each call copies
-``model.flat`` (2.5 MB) into a buffer every worker reads, so the optimizer
-keeps updating ``model.flat`` in place as usual; the token ids go through a
-second shared buffer.  Only a few numbers travel through the pipes, so a send
+``model.flat`` (2.5 MB) into a buffer whose numbers the workers' models run on
+directly (``TinyLLM(flat=)``, no copy of their own), so the optimizer keeps
+updating ``model.flat`` in place as usual; the token ids go through a second
+shared buffer.  Only a few numbers travel through the pipes, so a send
 never blocks on a worker that does not read.
 
 The sum is the same whatever the number of workers, bit for bit.  Micro-batch
