@@ -30,15 +30,16 @@ def test_bench_gpt_block_matches_our_model_in_size():
         assert sum(p.numel() for p in TorchGPT(cfg).parameters()) == TinyLLM(cfg).n_params
 
 
-@pytest.mark.parametrize("args", [["--workers", "0"], ["--micro-batch", "x"], ["--configs", "seed,nope"]])
+@pytest.mark.parametrize("args", [["--workers", "0"], ["--micro-batch", "x"], ["--configs", "seed,nope"],
+                                  ["--rounds", "0"]])
 def test_bench_rejects_bad_flags(args):
     out = subprocess.run([sys.executable, "-m", "tinyllm_np.bench", *args],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "bench: error" in out.stderr, out.stderr
 
 
-def test_paired_rounds_takes_turns_and_the_ratio_within_each_round():
-    """Each round runs every function (one untimed step, then its share); the ratio is the median of the rounds' ratios."""
+def test_paired_rounds_takes_turns_and_the_ratio_within_each_round(monkeypatch):
+    """Each round runs every function (one untimed step, then its share); a ratio is the median of the rounds' ratios."""
     from tinyllm_np import bench
 
     calls, clock = [], [0.0]
@@ -53,15 +54,13 @@ def test_paired_rounds_takes_turns_and_the_ratio_within_each_round():
             n[0] += 1
         return fn
 
-    real = bench.time.perf_counter
-    bench.time.perf_counter = lambda: clock[0]
-    try:
-        (t_ours, t_a, t_b), ratio = bench.paired_rounds([make("ours"), make("a"), make("b")], steps=6, rounds=3)
-        single = bench.paired_rounds([make("a")], steps=1, rounds=5)
-    finally:
-        bench.time.perf_counter = real
-    assert calls[:27] == (["ours"] * 3 + ["a"] * 3 + ["b"] * 3) * 3  # in turn, round after round
-    # the rounds' ratios: 1/min(2,4), 1/min(2,4), 5/min(2,1) = 0.5, 0.5, 5; their median is 0.5
-    assert ratio == 0.5
-    assert (t_ours, t_a, t_b) == (1.0, 2.0, 4.0)  # medians over every timed step
-    assert calls[27:] == ["a", "a"] and single == ([2.0], None)  # rounds <= steps; one function: no ratio
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    medians, per_round = bench.paired_rounds([make("ours"), make("a"), make("b")], steps=6, rounds=3)
+    assert calls == (["ours"] * 3 + ["a"] * 3 + ["b"] * 3) * 3  # in turn, round after round
+    assert per_round == [[1.0, 2.0, 4.0], [1.0, 2.0, 4.0], [5.0, 2.0, 1.0]]
+    assert medians == [1.0, 2.0, 4.0]  # over every timed step
+    # the rounds' ratios ours / min(a, b): 0.5, 0.5, 5 (median 0.5); b / min(ours, a): 4, 4, 0.5 (median 4)
+    assert bench.round_ratio(per_round, 0, [1, 2]) == 0.5
+    assert bench.round_ratio(per_round, 2, [0, 1]) == 4.0
+    calls.clear()
+    assert bench.paired_rounds([make("a")], steps=1, rounds=1) == ([2.0], [[2.0]]) and calls == ["a", "a"]

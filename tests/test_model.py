@@ -164,7 +164,7 @@ def test_a_model_over_a_given_buffer_uses_it_as_it_is():
     assert not np.array_equal(m.forward(idx), ref.forward(idx))
     n = ref.n_params
     for bad in (np.zeros(n - 1, np.float32), np.zeros(n, np.float64), np.zeros((1, n), np.float32),
-                np.zeros(2 * n, np.float32)[::2], [0.0] * n):
+                np.zeros(2 * n, np.float32)[::2], [0.0] * n, np.ma.zeros(n, np.float32)):
         with pytest.raises(ValueError, match="flat must be"):
             TinyLLM(Config(**SMALL), flat=bad)
     frozen = np.zeros(n, np.float32)

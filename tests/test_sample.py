@@ -26,8 +26,16 @@ def small_model(context=16, dtype=np.float64, **kw):
 
 @pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
 def test_decode_step_batch_equals_single_streams(norm_first, activation):
-    """B different streams in one step: each row equals decode_step on that stream alone, and the full forward."""
+    """B different streams in one step: each row equals decode_step on that stream alone, and the full forward.
+
+    The norms get random scales and shifts (a fresh model's are 1 and 0), so that decode_weights' folding
+    of them into the matrices they feed is checked.
+    """
     model = small_model(norm_first=norm_first, activation=activation)
+    rng = np.random.default_rng(8)
+    for name, p in model.params.items():
+        if "norm" in name or name.startswith("ln."):
+            p[...] = rng.uniform(0.5, 1.5, p.shape) if name.endswith("weight") else rng.normal(0, 0.5, p.shape)
     idx = np.random.default_rng(3).integers(0, 23, (3, 16))
     cache, singles = model.new_kv_cache(batch=3), [model.new_kv_cache() for _ in range(3)]
     w = model.decode_weights()

@@ -34,17 +34,6 @@ from .optim import AdamW
 from .parallel import DataParallel, auto_micro_batch, auto_workers, blas_threads
 
 
-def median_time(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def matmul_peak(n=2048, repeats=5):
     """Best float32 GFLOP/s of an n x n matmul (2 n^3 flops)."""
     rng = np.random.default_rng(0)
@@ -113,12 +102,12 @@ def numpy_stepper(cfg, B, workers, micro_batch, seed=0):
     return step, dp
 
 
-def bench_plain_step(cfg, B, steps, seed=0):
-    """Median seconds of model.loss_and_grads on the whole batch in this process, plus the AdamW step."""
+def plain_stepper(cfg, B, seed=0):
+    """model.loss_and_grads on the whole batch in this process, plus the AdamW step, as a function."""
     model = TinyLLM(cfg, seed=seed)
     opt = AdamW(model.params, lr=3e-3, weight_decay=0.01)
     x, y = random_batch(cfg, B, seed)
-    return median_time(lambda: opt.step(model.loss_and_grads(x, y, train=True)[1]), steps)
+    return lambda: opt.step(model.loss_and_grads(x, y, train=True)[1])
 
 
 def torch_stepper(cfg, B, module="gpt", seed=0):
@@ -145,36 +134,39 @@ def torch_stepper(cfg, B, module="gpt", seed=0):
     return step
 
 
-def paired_rounds(steps_fns, steps, rounds):
-    """(median seconds of each function's step, median over rounds of the first's / the fastest other's).
+def paired_rounds(step_fns, steps, rounds):
+    """(median seconds of each function's step over all its timed steps, [each round's medians]).
 
     The functions take turns, round after round, so that a drift in the
-    machine's speed (a shared machine's speed moves by several per cent within
-    minutes) reaches all of them alike: in each round every function runs one
-    untimed step (its caches warm up, and the threads of the one before it --
-    PyTorch's spin for a few ms after its work -- go to sleep), then its share
-    of ``steps`` timed ones.  The ratio is taken within each round, where the
-    machine was the same for both, and its median reported.  With a single
-    function the ratio is None.
+    machine's speed reaches all of them alike (on the shared 2-core machine a
+    step of nanoGPT's recipe ranged from 29.5 to 46.8 ms within one run): in
+    each round every function runs one untimed step (its caches warm up, and
+    the threads of the one before it -- PyTorch's spin for a few ms after its
+    work, OpenBLAS's for about 0.1 s -- go to sleep), then its share of
+    ``steps`` timed ones.  ``rounds`` (at most ``steps``) is their number.
+    Ratios are then taken within each round (round_ratio).
     """
-    rounds = max(1, min(rounds, steps))
-    times = [[] for _ in steps_fns]
-    ratios = []
+    times = [[] for _ in step_fns]
+    per_round = []
     for r in range(rounds):
-        per_round = steps // rounds + (r < steps % rounds)
+        n = steps // rounds + (r < steps % rounds)
         medians = []
-        for fn, ts in zip(steps_fns, times):
+        for fn, ts in zip(step_fns, times):
             fn()
-            mine = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                mine.append(time.perf_counter() - t0)
+            mine = [_timed(fn) for _ in range(n)]
             ts.extend(mine)
             medians.append(statistics.median(mine))
-        if len(medians) > 1:
-            ratios.append(medians[0] / min(medians[1:]))
-    return [statistics.median(ts) for ts in times], (statistics.median(ratios) if ratios else None)
+        per_round.append(medians)
+    return [statistics.median(ts) for ts in times], per_round
+
+
+def round_ratio(per_round, i, others):
+    """The median over rounds of function i's median / the fastest of ``others``' in the same round.
+
+    Not the ratio of the overall medians: each round's ratio compares steps
+    timed seconds apart, on the same machine state.
+    """
+    return statistics.median(m[i] / min(m[j] for j in others) for m in per_round)
 
 
 def bench_generation(model, prompt_len, n_chars, seed=0, repeats=3):
@@ -325,9 +317,10 @@ def main(argv=None):
     if torch is not None:
         print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads; 'gpt': nanoGPT's block on "
               "F.scaled_dot_product_attention (torch_ref.TorchGPT), 'encoder': nn.TransformerEncoderLayer")
-    print(f"training steps (forward, backward, AdamW), median of {args.steps} in {max(1, min(args.rounds, args.steps))} "
-          "rounds, ours and PyTorch's in turn; ratio = ours / the faster PyTorch, within each round")
-    workers_rss, table = 0.0, []
+    rounds = min(args.rounds, args.steps)
+    print(f"training steps (forward, backward, AdamW), median of {args.steps} in {rounds} rounds, ours and "
+          "PyTorch's in turn; ratio = median over the rounds of ours / the faster PyTorch in that round")
+    workers_rss, table, library = 0.0, [], None
     for name in names:
         what, cfg, B = CONFIGS[name]
         T = cfg.context
@@ -339,7 +332,12 @@ def main(argv=None):
             fns = [step]
             if torch is not None:
                 fns += [torch_stepper(cfg, B, "gpt"), torch_stepper(cfg, B, "encoder")]
-            (t, *torch_times), ratio = paired_rounds(fns, args.steps, args.rounds)
+            if name == "seed-p0":  # what a library caller gets without DataParallel, in the same rounds
+                fns.append(plain_stepper(cfg, B))
+            medians, per_round = paired_rounds(fns, args.steps, rounds)
+            t, torch_times = medians[0], medians[1:3] if torch is not None else []
+            if name == "seed-p0":
+                library = (medians[-1], round_ratio(per_round, len(fns) - 1, [1, 2]) if torch is not None else None)
             workers_rss = max(workers_rss, sum(peak_rss_of(pid) for pid in dp.pids()))
         finally:
             dp.close()
@@ -349,8 +347,9 @@ def main(argv=None):
         row = [name, t]
         if torch is not None:
             tg, te = torch_times
+            ratio = round_ratio(per_round, 0, [1, 2])
             print(f"  torch gpt {tg * 1e3:.1f} ms, torch encoder {te * 1e3:.1f} ms; "
-                  f"numpy/torch: {ratio:.2f} (median of {max(1, min(args.rounds, args.steps))} rounds' ratios)")
+                  f"numpy/torch: {ratio:.2f} (median of {rounds} rounds' ratios)")
             row += [tg, te, ratio]
         table.append(row)
     train_rss = peak_rss_mb()
@@ -362,13 +361,11 @@ def main(argv=None):
         print("| config | numpy ms | torch gpt ms | torch encoder ms | numpy/torch |")
         for name, t, tg, te, r in table:
             print(f"| {name} | {t * 1e3:.1f} | {tg * 1e3:.1f} | {te * 1e3:.1f} | {r:.2f} |")
-    if "seed-p0" in names:  # what a library caller gets without DataParallel
-        _, cfg, B = CONFIGS["seed-p0"]
-        tp = bench_plain_step(cfg, B, args.steps)
+    if library is not None:
+        tp, ratio = library
         line = f"library: model.loss_and_grads on the whole (32,128) batch, dropout 0, in one process: {tp * 1e3:.1f} ms"
-        if torch is not None:
-            tt = min(next(r[2:4] for r in table if r[0] == "seed-p0"))
-            line += f"; numpy/torch: {tp / tt:.2f} (DataParallel, the public fast path, is the row above)"
+        if ratio is not None:
+            line += f"; numpy/torch: {ratio:.2f} (in seed-p0's rounds; DataParallel, the public fast path, is its row)"
         print(line)
     model = TinyLLM(Config(vocab_size=59), seed=0)
     gen = {}

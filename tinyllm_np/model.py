@@ -194,8 +194,10 @@ class TinyLLM:
     def __init__(self, config, seed=0, dtype=np.float32, chars=None, engine="fast", flat=None):
         """``flat``: an existing 1-D array of n_params numbers of ``dtype`` to hold the parameters,
         taken as it is and not initialised (parallel.py's workers run on the caller's parameters
-        in shared memory this way, without a copy per call); None: a new one, initialised as
-        PyTorch initialises the original's modules (from ``seed``)."""
+        in shared memory this way, without a copy per call); a whole array rather than a slice
+        of a larger one, or AdamW updates the parameters array by array instead of in one
+        flat pass (optim.flat_base).  None: a new one, initialised as PyTorch initialises
+        the original's modules (from ``seed``)."""
         self.config = config
         if engine not in self.ENGINES:
             raise ValueError(f"engine must be one of {sorted(self.ENGINES)}, got {engine!r}")
@@ -208,7 +210,7 @@ class TinyLLM:
         self.n_params = sum(math.prod(s) for s in self.shapes.values())
         if flat is None:
             self._flat = np.zeros(self.n_params, dtype=self.dtype)
-        elif not (isinstance(flat, np.ndarray) and flat.shape == (self.n_params,) and flat.dtype == self.dtype
+        elif not (type(flat) is np.ndarray and flat.shape == (self.n_params,) and flat.dtype == self.dtype
                   and flat.flags.c_contiguous and flat.flags.writeable):
             raise ValueError(f"flat must be a writeable contiguous 1-D {self.dtype} array of {self.n_params} "
                              f"numbers, got {type(flat).__name__} {getattr(flat, 'dtype', '')} "
