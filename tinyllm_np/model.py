@@ -462,7 +462,10 @@ class TinyLLM:
                 f += b1
                 f = np.dot(w2, np.maximum(f, 0, out=f) if relu else act(f)[0])  # (C,F) @ (F,) -> (C,)
                 f += b2
-                x = x + f if cfg.norm_first else ln(x + f, n2w, n2b)
+                if cfg.norm_first:
+                    x += f
+                else:
+                    x = ln(x + f, n2w, n2b)
         return np.dot(p["head.weight"], ln(x, p["ln.weight"], p["ln.bias"]))  # (V,C) @ (C,) -> (V,)
 
     def decode_weights(self):
@@ -518,6 +521,8 @@ class TinyLLM:
         matrix-vector products turned into (B,C) @ (C,N) matrix products, so
         one step's ~110 NumPy calls serve B streams instead of one.  ``weights``:
         decode_weights(), made once for many steps (default: made for this call).
+        decode_step stays a loop of its own, for one vector: on the shipped model
+        a character costs 176 us there against 263 us here with B = 1.
         Shapes: x (B,C); q, k, v (B,H,D); the cache (B,H,context,D) per layer.
         """
         cfg = self.config
