@@ -98,8 +98,8 @@ def _attention_backward_no_softmax_sum(dout, cache):
 
 
 def _gelu_backward_no_tanh_derivative(dout, cache):
-    x, t = cache
-    return dout * 0.5 * (1 + t)
+    x, s = cache  # s = sigmoid(2u) = 0.5 (1 + tanh(u))
+    return dout * s  # dy/dx = 0.5 (1 + t): the product rule's 0.5 x dt/dx forgotten
 
 
 def test_check_catches_broken_layernorm_backward():
