@@ -180,21 +180,15 @@ def relu_backward(dout, cache, out=None):
     return np.multiply(dout, cache, out=out)
 
 
-def gelu_forward(x):
-    """reference.gelu_forward, GELU's tanh form (GPT-2's; PyTorch's ``gelu(x, approximate="tanh")``).
+def gelu_gate(x):
+    """s = sigmoid(2u) = 1 / (1 + exp(-2u)), u = sqrt(2/pi) * x * (1 + 0.044715 x^2), as a fresh array.
 
-        u = sqrt(2/pi) * (x + 0.044715 x^3) = sqrt(2/pi) * x * (1 + 0.044715 x^2)
-        y = 0.5 x (1 + tanh(u)) = x * s,   s = sigmoid(2u) = 1 / (1 + exp(-2u))
-
-    The same function, through 0.5 (1 + tanh(u)) = sigmoid(2u): this NumPy's
-    float32 exp is faster than its tanh (0.51 against 0.83 ms on a (6,64,512)
-    array, 2 shared AMD EPYC cores), and y = x * s needs no 0.5 (1 + t) passes.
-    In-place passes over one fresh array (s) and the output, with x^3 as
-    x * x^2 (a float32 x ** 3 is a general power call, 34 ms on that array
-    against 0.1 ms a multiply).  For x below about -9, exp(-2u) overflows to inf
-    and s to 0: y = -0, the limit (silenced, as softmax's overflow).  The cache
-    keeps s, from which the backward needs no transcendental at all.  Forward
-    0.84 -> 0.54 ms, backward 0.33 -> 0.26 ms on that array (best of 5 x 50).
+    GELU's gate: gelu(x) = x * s.  In-place passes over s, with x^3 as x * x^2
+    (a float32 x ** 3 is a general power call, 34 ms on a (6,64,512) array
+    against 0.1 ms a multiply).  For x below about -9, exp(-2u) overflows to
+    inf and s to 0, the limit: the caller silences that warning (gelu_forward
+    does; the decoder's loop already runs under one errstate, and a second
+    costs it 2 us a layer).
     """
     f = x.dtype.type
     s = np.multiply(x, x)
@@ -202,10 +196,25 @@ def gelu_forward(x):
     s += 1
     s *= x
     s *= f(-2 * GELU_K)  # -2u
-    with np.errstate(over="ignore"):
-        np.exp(s, out=s)
+    np.exp(s, out=s)
     s += 1
-    np.divide(1, s, out=s)  # sigmoid(2u)
+    return np.divide(1, s, out=s)
+
+
+def gelu_forward(x):
+    """reference.gelu_forward, GELU's tanh form (GPT-2's; PyTorch's ``gelu(x, approximate="tanh")``).
+
+        u = sqrt(2/pi) * (x + 0.044715 x^3)
+        y = 0.5 x (1 + tanh(u)) = x * s,   s = sigmoid(2u) = 1 / (1 + exp(-2u))   (gelu_gate)
+
+    The same function, through 0.5 (1 + tanh(u)) = sigmoid(2u): this NumPy's
+    float32 exp is faster than its tanh (0.51 against 0.83 ms on a (6,64,512)
+    array, 2 shared AMD EPYC cores), and y = x * s needs no 0.5 (1 + t) passes.
+    The cache keeps s, from which the backward needs no transcendental at all.
+    Forward 0.84 -> 0.54 ms, backward 0.33 -> 0.26 ms on that array (best of 5 x 50).
+    """
+    with np.errstate(over="ignore"):  # exp(-2u) = inf for x < -9: s = 0, y = -0, the limit
+        s = gelu_gate(x)
     return np.multiply(x, s), (x, s)
 
 

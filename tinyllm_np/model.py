@@ -429,7 +429,6 @@ class TinyLLM:
         H, C = cfg.n_heads, cfg.d_model
         D, n = C // H, pos + 1
         scale = 1.0 / math.sqrt(D)  # a Python float: q keeps its dtype
-        act, _ = L.ACTIVATIONS[cfg.activation]
         relu = cfg.activation == "relu"  # then in place, without the mask relu_forward keeps for a backward
         ln = _layernorm_vector
         x = p["tok_emb.weight"][token] + p["pos_emb.weight"][pos]  # (C,)
@@ -460,7 +459,8 @@ class TinyLLM:
                 h = ln(x, n2w, n2b) if cfg.norm_first else x
                 f = np.dot(w1, h)  # (F,C) @ (C,) -> (F,)
                 f += b1
-                f = np.dot(w2, np.maximum(f, 0, out=f) if relu else act(f)[0])  # (C,F) @ (F,) -> (C,)
+                f = np.maximum(f, 0, out=f) if relu else np.multiply(f, L.gelu_gate(f), out=f)  # act(f), in place
+                f = np.dot(w2, f)  # (C,F) @ (F,) -> (C,)
                 f += b2
                 if cfg.norm_first:
                     x += f
@@ -539,7 +539,6 @@ class TinyLLM:
         w = self.decode_weights() if weights is None else weights
         H, C = cfg.n_heads, cfg.d_model
         D, n = C // H, pos + 1
-        act, _ = L.ACTIVATIONS[cfg.activation]
         relu = cfg.activation == "relu"
         ln = _layernorm_rows
 
@@ -564,7 +563,8 @@ class TinyLLM:
                 h = ln(x, n2w, n2b) if cfg.norm_first else x
                 f = np.dot(h, w1)  # (B,C) @ (C,F) -> (B,F)
                 f += b1
-                f = np.dot(np.maximum(f, 0, out=f) if relu else act(f)[0], w2)  # (B,F) @ (F,C) -> (B,C)
+                f = np.maximum(f, 0, out=f) if relu else np.multiply(f, L.gelu_gate(f), out=f)  # act(f), in place
+                f = np.dot(f, w2)  # (B,F) @ (F,C) -> (B,C)
                 f += b2
                 if cfg.norm_first:
                     x += f
