@@ -268,3 +268,25 @@ def test_the_command_one_line_errors_and_lean_imports(tmp_path):
     assert r.stdout == "[]\n"
     pyproject = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
     assert 'tinyllm-sample = "tinyllm_np.sample:main"' in pyproject
+
+
+def test_main_samples_on_one_blas_thread_and_restores_the_count(monkeypatch, capsys):
+    from tinyllm_np.blas import blas_threads
+    before = blas_threads()
+    if before is None:
+        pytest.skip("this BLAS's thread count cannot be set at run time")
+    blas_threads(2)
+    seen = []
+
+    def fake_run(args):
+        seen.append(blas_threads())
+        return 0
+
+    monkeypatch.setattr(S, "run", fake_run)
+    try:
+        assert S.main(["--num-samples", "1"]) == 0
+        assert seen == [1] and blas_threads() == 2
+        monkeypatch.setattr(S, "run", lambda args: (_ for _ in ()).throw(S.SampleError("bad")))
+        assert S.main([]) == 2 and blas_threads() == 2  # restored on the error path too
+    finally:
+        blas_threads(before)

@@ -23,7 +23,6 @@ in whatever float dtype the inputs have (float32 for training, float64 for the
 gradient checks) and never upcast.
 """
 
-import math
 from functools import lru_cache
 
 import numpy as np
