@@ -190,3 +190,14 @@ def test_model_ffn_calls_the_checked_relu(monkeypatch):
     idx = np.zeros((2, 5), np.int64)
     model.loss_and_grads(idx, idx, train=True)
     assert calls == ["f"] * 3 + ["b"] * 3  # one forward and one backward per layer
+
+
+def test_row_dots_with_and_without_vecdot(monkeypatch):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)
+    want = (a.astype(np.float64) * b).sum(-1)
+    for have in (L._HAVE_VECDOT, False):  # NumPy 2's np.vecdot, and the einsum older NumPy uses
+        monkeypatch.setattr(L, "_HAVE_VECDOT", have)
+        got = L.row_dots(a, b)
+        assert got.shape == (3, 5) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -49,6 +49,20 @@ def row_sums(x2):
     return np.dot(x2, _ones(x2.shape[1], x2.dtype))
 
 
+def row_dots(a, b):
+    """sum_c a[..., c] * b[..., c], one number per row of two C-contiguous arrays (..., C) -> (...).
+
+    NumPy 2's np.vecdot, a generalized ufunc: less call overhead than
+    np.einsum("nc,nc->n") and a faster loop, measured on one AMD EPYC core
+    (float32): (4,128) 2.55 -> 1.11 us, (384,128) 11.9 -> 8.1 us, (512,512)
+    55.8 -> 27.3 us.  On older NumPy, the einsum.
+    """
+    return np.vecdot(a, b) if _HAVE_VECDOT else np.einsum("...c,...c->...", a, b)
+
+
+_HAVE_VECDOT = hasattr(np, "vecdot")
+
+
 # ---------------------------------------------------------------- embedding
 
 def embedding_forward(idx, weight):
@@ -114,13 +128,13 @@ def linear_backward(dout, cache):
 def layernorm_forward(x, w, b, eps=LN_EPS):
     """reference.layernorm_forward: y = w * (x - mu) / sqrt(var + eps) + b, mu and var over the last axis.
 
-    The sums over C as matrix-vector products (row_sums) or einsum, and xhat
+    The sums over C as matrix-vector products (row_sums) or row_dots, and xhat
     built in place: with layernorm_backward, 0.38 -> 0.25 ms a micro-batch.
     """
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (N,C): one row per position
     xhat = x2 - (row_sums(x2) / C)[:, None]  # x - mu
-    var = np.einsum("nc,nc->n", xhat, xhat) / C  # mean((x - mu)^2), without an (N,C) temporary
+    var = row_dots(xhat, xhat) / C  # mean((x - mu)^2), without an (N,C) temporary
     rstd = (1.0 / np.sqrt(var + eps))[:, None]  # (N,1)
     xhat *= rstd
     y = xhat * w
@@ -146,7 +160,7 @@ def layernorm_backward(dout, cache):
     db = row_sums(d2.T)  # column sums
     dw = np.einsum("nc,nc->c", d2, xhat)
     dx = d2 * w  # g, turned into dx in place
-    gx = np.einsum("nc,nc->n", dx, xhat) / C  # mean(g * xhat)
+    gx = row_dots(dx, xhat) / C  # mean(g * xhat)
     dx -= (row_sums(dx) / C)[:, None]  # g - mean(g)
     dx -= xhat * gx[:, None]  # - xhat * mean(g * xhat)
     dx *= rstd

@@ -117,7 +117,7 @@ def _layernorm_rows(x, w, b, eps=L.LN_EPS):
     """
     C = x.shape[-1]
     xc = x - np.dot(x, _mean_weights(C, x.dtype))[:, None]  # x - mu, mu = x @ (1/C, ..., 1/C)
-    r = np.einsum("nc,nc->n", xc, xc)  # C var, then 1 / sqrt(var + eps) in place
+    r = L.row_dots(xc, xc)  # C var, then 1 / sqrt(var + eps) in place
     r /= C
     r += eps
     np.sqrt(r, out=r)
