@@ -15,6 +15,9 @@ import math
 
 import numpy as np
 
+from . import chunks
+from .chunks import over_chunks
+
 
 def flat_base(arrays):
     """The 1-D buffer that the dict's arrays tile exactly, in order, or None.
@@ -45,7 +48,7 @@ class AdamW:
     ``state_dict()`` / ``load_state_dict()`` hold t, m and v for checkpoints.
     """
 
-    CHUNK = 65536  # entries updated at a time (see step)
+    CHUNK = chunks.CHUNK  # entries updated at a time (see step)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         if lr < 0 or eps < 0 or weight_decay < 0:
@@ -89,13 +92,15 @@ class AdamW:
         step_size = self.lr / bc1
         sqrt_bc2 = math.sqrt(bc2)
         decay = 1 - self.lr * self.weight_decay
+        eps = self.eps
         for P, G, M, V, TMP in self._pairs(grads):
-            # The update is a dozen elementwise passes.  Over the whole 2.5 MB buffers each pass would
-            # stream p, g, m, v from memory again; chunk by chunk their 256 KB pieces stay in the
-            # core's L2 cache for all of them (1.86 -> 1.32 ms for the 626,560 parameters).
-            for s in range(0, P.size, self.CHUNK):
-                p, g, m, v, tmp = (a[s:s + self.CHUNK] for a in (P, G, M, V, TMP))
-                if self.weight_decay:
+            # The update is a dozen elementwise passes, run piece by piece (chunks.over_chunks): the
+            # 256 KB pieces of p, g, m, v stay in L2 through all of them (over the whole 2.5 MB buffers
+            # each pass would stream them from memory again: 1.86 -> 1.32 ms for the 626,560
+            # parameters), and the second half of the pieces runs on a helper thread.
+            def update(s, e, P=P, G=G, M=M, V=V, TMP=TMP):
+                p, g, m, v, tmp = P[s:e], G[s:e], M[s:e], V[s:e], TMP[s:e]
+                if decay != 1:
                     p *= decay  # p = p * (1 - lr * wd)
                 m *= b1
                 np.multiply(g, 1 - b1, out=tmp)
@@ -106,10 +111,12 @@ class AdamW:
                 v += tmp  # v = b2 v + (1 - b2) g^2
                 np.sqrt(v, out=tmp)
                 tmp /= sqrt_bc2
-                tmp += self.eps  # sqrt(v_hat) + eps
+                tmp += eps  # sqrt(v_hat) + eps
                 np.divide(m, tmp, out=tmp)
                 tmp *= step_size  # lr * m_hat / (sqrt(v_hat) + eps)
                 p -= tmp
+
+            over_chunks(update, P.size, self.CHUNK)
 
     def state_dict(self):
         return {"t": self.t, "m": self.m.copy(), "v": self.v.copy()}

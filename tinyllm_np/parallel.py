@@ -77,6 +77,7 @@ import numpy as np
 
 from . import alloc
 from .blas import blas_threads
+from .chunks import over_chunks
 from .model import TinyLLM, flat_views
 
 def split_batch(B, parts):
@@ -158,11 +159,21 @@ def sum_in_order(rows):
 
     The one order the gradient slots are added in, whatever the number of
     workers (np.add.reduce might sum a short axis pairwise, an order that is
-    not the documented one).
+    not the documented one).  Piece by piece (chunks.over_chunks): each piece
+    of the total stays in L2 through the K - 1 additions, and half the pieces
+    are added on a helper thread; every number is still the same left-to-right
+    sum.
     """
-    total = np.add(rows[0], rows[1]) if len(rows) > 1 else rows[0].copy()  # the first sum written, not copied then added
-    for row in rows[2:]:
-        total += row
+    if len(rows) == 1:
+        return rows[0].copy()
+    total = np.empty_like(rows[0])
+
+    def add(s, e):
+        t = np.add(rows[0][s:e], rows[1][s:e], out=total[s:e])  # the first sum written, not copied then added
+        for row in rows[2:]:
+            t += row[s:e]
+
+    over_chunks(add, total.size)
     return total
 
 
