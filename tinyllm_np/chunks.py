@@ -17,7 +17,6 @@ parameters): see docs/performance.md.
 """
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 CHUNK = 65536  # numbers per piece
 
@@ -46,7 +45,8 @@ def over_chunks(fn, n, chunk=None):
         for s, e in pieces:
             fn(s, e)
         return
-    if _helper is None:
+    if _helper is None:  # imported here: the package's import (the sampler, the chat) stays without it
+        from concurrent.futures import ThreadPoolExecutor
         _helper = ThreadPoolExecutor(1, thread_name_prefix="tinyllm-chunks")
     half = (len(pieces) + 1) // 2
 
