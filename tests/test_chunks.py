@@ -36,7 +36,8 @@ def test_one_core_or_one_piece_stays_on_this_thread(monkeypatch):
 
 def test_an_error_in_either_half_is_raised_after_both_stop(monkeypatch):
     monkeypatch.setattr(chunks, "_cores", lambda: 2)
-    for bad in (0, 20):  # a piece of the first half, then of the second
+    # pieces 0, 5, 10 here, 15, 20 on the helper; each half stops at its own failing piece
+    for bad, ran in ((0, {15, 20}), (20, {0, 5, 10, 15})):
         done = []
 
         def fn(s, e):
@@ -46,6 +47,7 @@ def test_an_error_in_either_half_is_raised_after_both_stop(monkeypatch):
 
         with pytest.raises(ValueError, match=f"piece {bad}"):
             over_chunks(fn, 25, 5)
+        assert set(done) == ran  # the other half had finished when the error came through
 
 
 @pytest.mark.parametrize("chunk", [3, 65536])
