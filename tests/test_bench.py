@@ -31,7 +31,7 @@ def test_bench_gpt_block_matches_our_model_in_size():
 
 
 @pytest.mark.parametrize("args", [["--workers", "0"], ["--micro-batch", "x"], ["--configs", "seed,nope"],
-                                  ["--rounds", "0"]])
+                                  ["--rounds", "0"], ["--steps", "-1"]])
 def test_bench_rejects_bad_flags(args):
     out = subprocess.run([sys.executable, "-m", "tinyllm_np.bench", *args],
                          capture_output=True, text=True, timeout=60)
@@ -60,7 +60,26 @@ def test_paired_rounds_takes_turns_and_the_ratio_within_each_round(monkeypatch):
     assert per_round == [[1.0, 2.0, 4.0], [1.0, 2.0, 4.0], [5.0, 2.0, 1.0]]
     assert medians == [1.0, 2.0, 4.0]  # over every timed step
     # the rounds' ratios ours / min(a, b): 0.5, 0.5, 5 (median 0.5); b / min(ours, a): 4, 4, 0.5 (median 4)
+    assert bench.round_ratios(per_round, 0, [1, 2]) == [0.5, 0.5, 5.0]
     assert bench.round_ratio(per_round, 0, [1, 2]) == 0.5
     assert bench.round_ratio(per_round, 2, [0, 1]) == 4.0
     calls.clear()
     assert bench.paired_rounds([make("a")], steps=1, rounds=1) == ([2.0], [[2.0]]) and calls == ["a", "a"]
+
+
+def test_middle_half_is_the_quartiles_of_the_rounds_ratios():
+    from tinyllm_np import bench
+
+    assert bench.middle_half([0.9, 0.7, 0.8, 0.6, 1.0]) == pytest.approx((0.7, 0.9))
+    assert bench.middle_half([0.75]) == (0.75, 0.75)  # one round: no spread to show
+
+
+def test_bench_steps_default_per_configuration_in_rounds_of_four():
+    """Every configuration has its default step count; the short nanoGPT step gets the most rounds."""
+    from tinyllm_np import bench
+
+    assert set(bench.STEPS) == set(bench.CONFIGS)
+    assert max(bench.STEPS, key=bench.STEPS.get) == "nanogpt"
+    out = subprocess.run([sys.executable, "-m", "tinyllm_np.bench", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert "nanogpt 100" in " ".join(out.stdout.split()), out.stdout

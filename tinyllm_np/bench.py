@@ -65,7 +65,7 @@ def step_flops(cfg, B, T):
     return 3 * B * (L * per_seq_layer + T * 2 * C * V)
 
 
-# name -> (what, Config, B, T): the benchmark's matrix (issue 13)
+# name -> (what, Config, B): the benchmark's matrix (issue 13)
 CONFIGS = {
     "seed": ("the seed: 3 x 128, post-norm ReLU, dropout 0.1",
              Config(vocab_size=59, dropout=0.1), 32),
@@ -77,6 +77,13 @@ CONFIGS = {
              Config(vocab_size=65, d_model=256, n_layers=4, d_ff=1024, dropout=0.1, norm_first=True,
                     activation="gelu"), 32),
 }
+
+
+# Timed steps per configuration by default (--steps sets them all), in rounds of 4 (--rounds): about 10-40 s
+# each on 2 cores.  The short step of nanoGPT's recipe gets more: its ratio in a round of 4 steps moved by
+# +-0.05 from round to round on the shared 2-core machine, more than a change to the code usually buys.
+STEPS = {"seed": 20, "seed-p0": 20, "nanogpt": 100, "wide": 20}
+STEPS_PER_ROUND = 4
 
 
 def random_batch(cfg, B, seed=0):
@@ -160,13 +167,24 @@ def paired_rounds(step_fns, steps, rounds):
     return [statistics.median(ts) for ts in times], per_round
 
 
-def round_ratio(per_round, i, others):
-    """The median over rounds of function i's median / the fastest of ``others``' in the same round.
+def round_ratios(per_round, i, others):
+    """Function i's median / the fastest of ``others``' in the same round, one ratio a round.
 
     Not the ratio of the overall medians: each round's ratio compares steps
     timed seconds apart, on the same machine state.
     """
-    return statistics.median(m[i] / min(m[j] for j in others) for m in per_round)
+    return [m[i] / min(m[j] for j in others) for m in per_round]
+
+
+def round_ratio(per_round, i, others):
+    """The median over rounds of round_ratios: the figure the benchmark reports."""
+    return statistics.median(round_ratios(per_round, i, others))
+
+
+def middle_half(values):
+    """(first quartile, third quartile) of values: how far the rounds' ratios spread."""
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else list(values) * 3
+    return q[0], q[2]
 
 
 def bench_generation(model, prompt_len, n_chars, seed=0, repeats=3):
@@ -273,9 +291,12 @@ def main(argv=None):
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma-separated configurations of the matrix, from {', '.join(CONFIGS)} "
                          "(default: all)")
-    ap.add_argument("--steps", type=int, default=20, help="timed training steps per measurement (median)")
-    ap.add_argument("--rounds", type=int, default=5,
-                    help="rounds the steps are spread over, ours and PyTorch's taking turns (default: 5)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed training steps per configuration (default: "
+                         + ", ".join(f"{n} {k}" for n, k in STEPS.items()) + ")")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help=f"rounds the steps are spread over, ours and PyTorch's taking turns "
+                         f"(default: one per {STEPS_PER_ROUND} steps)")
     ap.add_argument("--gen-chars", type=int, default=500, help="characters generated per generation test")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     ap.add_argument("--torch-threads", type=int, default=2, help="PyTorch's intra-op threads (default: 2)")
@@ -296,7 +317,7 @@ def main(argv=None):
     if unknown or not names:
         ap.error(f"--configs: unknown configuration {unknown[0] if unknown else ''!r}; "
                  f"choose from {', '.join(CONFIGS)}")
-    if min(args.steps, args.rounds, args.gen_chars, args.torch_threads) < 1:
+    if min(v for v in (args.steps, args.rounds, args.gen_chars, args.torch_threads, 1) if v is not None) < 1:
         ap.error("--steps, --rounds, --gen-chars and --torch-threads must be positive")
     print(f"machine: {machine()}")
     if args.default_malloc:
@@ -317,9 +338,9 @@ def main(argv=None):
     if torch is not None:
         print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads; 'gpt': nanoGPT's block on "
               "F.scaled_dot_product_attention (torch_ref.TorchGPT), 'encoder': nn.TransformerEncoderLayer")
-    rounds = min(args.rounds, args.steps)
-    print(f"training steps (forward, backward, AdamW), median of {args.steps} in {rounds} rounds, ours and "
-          "PyTorch's in turn; ratio = median over the rounds of ours / the faster PyTorch in that round")
+    print("training steps (forward, backward, AdamW), median of each configuration's steps, spread over rounds "
+          "in which ours and PyTorch's take turns; ratio = median over the rounds of ours / the faster PyTorch "
+          "in that round, with the middle half of the rounds' ratios")
     workers_rss, table, library = 0.0, [], None
     for name in names:
         what, cfg, B = CONFIGS[name]
@@ -327,6 +348,8 @@ def main(argv=None):
         mb = micro_batch or auto_micro_batch(cfg, B)
         w = workers or auto_workers(B, mb)
         flops = step_flops(cfg, B, T)
+        steps = args.steps or STEPS[name]
+        rounds = min(args.rounds or max(1, steps // STEPS_PER_ROUND), steps)
         step, dp = numpy_stepper(cfg, B, w, mb)
         try:
             fns = [step]
@@ -334,7 +357,7 @@ def main(argv=None):
                 fns += [torch_stepper(cfg, B, "gpt"), torch_stepper(cfg, B, "encoder")]
             if name == "seed-p0":  # what a library caller gets without DataParallel, in the same rounds
                 fns.append(plain_stepper(cfg, B))
-            medians, per_round = paired_rounds(fns, args.steps, rounds)
+            medians, per_round = paired_rounds(fns, steps, rounds)
             t, torch_times = medians[0], medians[1:3] if torch is not None else []
             if name == "seed-p0":
                 library = (medians[-1], round_ratio(per_round, len(fns) - 1, [1, 2]) if torch is not None else None)
@@ -347,9 +370,10 @@ def main(argv=None):
         row = [name, t]
         if torch is not None:
             tg, te = torch_times
-            ratio = round_ratio(per_round, 0, [1, 2])
-            print(f"  torch gpt {tg * 1e3:.1f} ms, torch encoder {te * 1e3:.1f} ms; "
-                  f"numpy/torch: {ratio:.2f} (median of {rounds} rounds' ratios)")
+            ratios = round_ratios(per_round, 0, [1, 2])
+            ratio, (lo, hi) = statistics.median(ratios), middle_half(ratios)
+            print(f"  torch gpt {tg * 1e3:.1f} ms, torch encoder {te * 1e3:.1f} ms; numpy/torch: {ratio:.2f} "
+                  f"(median of {rounds} rounds' ratios, {steps} steps each side; middle half {lo:.2f}-{hi:.2f})")
             row += [tg, te, ratio]
         table.append(row)
     train_rss = peak_rss_mb()
