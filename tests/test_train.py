@@ -622,3 +622,34 @@ def test_a_bad_inspect_text_leaves_the_log_as_it_was(tmp_path, text_file, capsys
     assert T.main(run_args(tmp_path, text_file, "--resume", "--max-steps", "5", "--inspect-text", "\u00e9\u00e9\u00e9")) == 2
     assert capsys.readouterr().err.startswith("train: error: --inspect-text: ")
     assert (tmp_path / "log.csv").read_bytes() == before
+
+
+def test_memory_freed_by_the_ids_build_is_handed_back_only_after_a_build(tmp_path, text_file, monkeypatch):
+    calls = []
+    monkeypatch.setattr(T, "release_freed_memory", lambda: calls.append(1))
+    args = run_args(tmp_path, text_file, "--max-steps", "2")
+    assert T.main(args) == 0 and calls == [1]  # first run: the ids file was built
+    assert T.main(args) == 0 and calls == [1]  # the same text again: the ids file is reused, nothing built
+
+
+_RSS_AFTER_FREE = r"""
+import numpy as np
+from tinyllm_np import alloc
+def anon_kb():
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("RssAnon")))
+assert alloc.reuse_freed_memory()
+pieces = [np.ones(1 << 20, np.float32) for _ in range(40)]  # 40 x 4 MB, each under the mmap threshold
+del pieces
+kept = anon_kb()
+released = alloc.release_freed_memory()
+print(kept - anon_kb(), released)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+                    reason="glibc's allocator on Linux")
+def test_release_freed_memory_gives_back_what_reuse_kept():
+    out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.split()
+    freed_kb, released = int(out[0]), out[1]
+    assert released == "True" and freed_kb > 120_000  # most of the 160 MB kept after the del

@@ -40,6 +40,23 @@ def reuse_freed_memory(mmap_threshold=32 << 20, trim_threshold=1 << 30):
     return ok
 
 
+def release_freed_memory():
+    """Hand the heap's free memory back to the OS now (glibc malloc_trim(0)); True if it released any.
+
+    With reuse_freed_memory in effect, memory freed by a phase that never
+    comes back stays in this process for good.  train.py calls this once,
+    after building a text's ids file: the build's freed 4 MB pieces were
+    64 MB of a 100 MB text's 104 MB peak in the training process.  A no-op
+    (False) where glibc is not the C library.
+    """
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
+
+
 def in_effect():
     """True once reuse_freed_memory has taken effect in this process."""
     return _in_effect

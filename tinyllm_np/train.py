@@ -69,7 +69,7 @@ import time
 
 import numpy as np
 
-from .alloc import reuse_freed_memory
+from .alloc import release_freed_memory, reuse_freed_memory
 from .cli import OneLineParser, run_main
 from .data import DataError, file_sha256, fixed_windows, open_corpus, sample_batch
 from .dataset import BOT, END, USER
@@ -458,6 +458,8 @@ def train(args):
     # the text's token ids, split into a training and a held-out part (see data.py), kept in a file
     # beside the checkpoint and memory-mapped: built on the first run, checked and reused after
     corpus = open_corpus(args.data, ids_path(args.checkpoint), args.val_frac, chars, fingerprint)
+    if corpus.rebuilt:
+        release_freed_memory()  # the build's pieces, which reuse_freed_memory would keep for the whole run
     tok = CharTokenizer(corpus.chars)
     train_ids, val_ids = corpus.train, corpus.val
     if not args.resume:
