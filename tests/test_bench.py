@@ -11,7 +11,7 @@ def test_bench_smoke():
                           "--configs", "seed,nanogpt"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for expected in ("float32 matmul peak", "[seed] the seed", "dropout 0.1, micro-batches of 4, 2 worker(s)",
+    for expected in ("float32 matmul peak", "[seed] the seed", "dropout 0.1, micro-batches of 8, 2 worker(s)",
                      "[nanogpt] nanoGPT's CPU recipe", "dropout 0.0, micro-batches of 6, 2 worker(s)",
                      "% of peak", "peak RSS", "its workers",
                      "generation, 8-char prompt", "generation, 128-char prompt", "first char after"):

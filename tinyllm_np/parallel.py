@@ -13,13 +13,12 @@ the workers are processes on the cores of one machine.
 
 Two things make it pay on a CPU:
 
-* Small micro-batches (``micro_batch``, by default auto_micro_batch: 4
-  sequences at the original's shapes): a micro-batch's activations, about
-  1 MB an array, stay in the core's 2 MB L2 cache through the dozen
-  elementwise passes over each (softmax, layer norm, ...), where 16-sequence
-  arrays spill to memory.  Measured on one core: a
-  forward and backward of 16 sequences takes 110 ms as one batch and 95 ms as
-  four micro-batches of 4.
+* Small micro-batches (``micro_batch``, by default auto_micro_batch: 8
+  sequences at the original's shapes): a micro-batch's arrays, at most 2 MB
+  each, stay in the caches through the dozen elementwise passes over each
+  (softmax, layer norm, ...), where whole-batch arrays spill to memory.
+  Measured on one core of an Intel Xeon: a forward and backward of 16
+  sequences takes 110 ms as one batch and 95 ms as four micro-batches of 4.
 * All cores at once: NumPy runs elementwise operations on one core, and BLAS's
   own threads help only inside the matmuls.  W worker processes, each working
   through its share of the micro-batches with BLAS on one thread, keep W cores
@@ -37,8 +36,8 @@ never blocks on a worker that does not read.
 
 The sum is the same whatever the number of workers, bit for bit.  Micro-batch
 k's weighted gradient w_k grad_k goes to its own slot k of a shared (K, n)
-buffer (K micro-batches, n parameters: 8 x 2.5 MB for the original's batch of
-32 in micro-batches of 4), whoever computes it; this process then adds the
+buffer (K micro-batches, n parameters: 4 x 2.5 MB for the original's batch of
+32 in micro-batches of 8), whoever computes it; this process then adds the
 slots left to right, slot 0 + slot 1 + ... + slot K-1, and the weighted losses
 likewise in micro-batch order.  With one worker the same code runs in this
 process, on a private (K, n) buffer.  Cost, measured in 6 paired runs of
@@ -91,7 +90,7 @@ def micro_batches(B, micro_batch):
     return split_batch(B, math.ceil(B / micro_batch))
 
 
-ACTIVATION_BUDGET = 1 << 20  # bytes: half a core's 2 MB L2, the rest left for weights and the other operands
+ACTIVATION_BUDGET = 2 << 20  # bytes: the largest array of a micro-batch; measured best (auto_micro_batch)
 
 
 def auto_micro_batch(config, B, itemsize=4):
@@ -100,16 +99,23 @@ def auto_micro_batch(config, B, itemsize=4):
     The largest activation of a micro-batch of b sequences is its FFN hidden
     array, b*T*F numbers, or attention's scores of one query block, about
     b*H*(T/2)*T; b is the largest size whose larger array fits
-    ACTIVATION_BUDGET (1 MB), at least 1 and at most B, then evened out so the
-    batch splits into near-equal micro-batches of at most that size
-    (micro_batches).  It gives 4 at the seed's shape (T=128, F=512; the
-    hand-tuned default before), 6 at nanoGPT's CPU recipe (B=12, T=64,
-    F=512), 2 at the wide model (T=128, F=1024).  Measured there (2 shared
-    cores, AMD EPYC, median ms of a step with AdamW, auto workers):
-    nanoGPT's recipe, micro-batches of 3/4/6/12: 88/80/93/575 (12 is one
-    micro-batch, so one process); wide, 2/4/8: 1319/1317/1604.  Sizes at or
-    under the budget are all about equally fast; the budget keeps clear of
-    the slow side.
+    ACTIVATION_BUDGET (2 MB), at least 1, at most B and at most half of it
+    (rounded up: two micro-batches, so two workers share any batch of two or
+    more), then evened out so the batch splits into near-equal micro-batches
+    of at most that size (micro_batches).  It gives 8 at the seed's shape
+    (B=32, T=128, F=512), 6 at nanoGPT's CPU recipe (B=12, T=64, F=512: 12
+    would fit, half the batch is the cap) and 4 at the wide model (T=128,
+    F=1024).
+
+    Why 2 MB: fewer, larger micro-batches pay NumPy's per-call cost fewer
+    times, until the arrays outgrow the caches.  Whole steps with AdamW, two
+    workers, sizes taking turns in one process (AMD EPYC Zen 4, 1 MB L2 a
+    core; median of the rounds' ratios): the seed's micro-batches of 8
+    against 4 took 0.98 (dropout 0) and 0.99 (dropout 0.1), 16 against 8
+    1.06; the wide model's 4 against 2 0.94, 8 against 4 slower again.  On
+    an AMD EPYC Zen 3, in-process micro-batches: the seed's 8 against 4
+    0.95-0.97, the wide model's 4 against 2 0.96; nanoGPT's recipe has no
+    larger choice under the cap (3 and 4 against 6: 1.08 and 1.29).
 
     It depends on the model and batch shape only, never on the machine: the
     micro-batch size changes the numbers (dropout masks follow micro-batches),
@@ -118,7 +124,7 @@ def auto_micro_batch(config, B, itemsize=4):
     """
     T, H, F = config.context, config.n_heads, config.d_ff
     per_seq = T * max(F, H * ((T + 1) // 2)) * itemsize
-    b = max(1, min(B, ACTIVATION_BUDGET // per_seq))
+    b = max(1, min(B, -(-B // 2), ACTIVATION_BUDGET // per_seq))
     n = math.ceil(B / b)
     return math.ceil(B / n)  # the same n micro-batches, as even as they go
 

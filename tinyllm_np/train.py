@@ -14,9 +14,9 @@ as the training text holds: len(train) // (B * T) steps.
 
 --micro-batch and --workers are "auto" by default (explicit values win).  The
 micro-batch is the largest number of sequences whose biggest activation
-(T x d_ff floats, or a block of attention scores) fits 1 MB, half a core's L2,
-evened out over the batch (parallel.auto_micro_batch): 4 at the original
-recipe, 6 at nanoGPT's CPU recipe (B=12, T=64), 2 at width 256 with d_ff 1024,
+(T x d_ff floats, or a block of attention scores) fits 2 MB, at most half the
+batch, evened out over it (parallel.auto_micro_batch): 8 at the original
+recipe, 6 at nanoGPT's CPU recipe (B=12, T=64), 4 at width 256 with d_ff 1024,
 the fastest of those measured at each (docs/performance.md).  It depends on
 the shapes alone, since it changes the numbers (dropout masks follow
 micro-batches), and the checkpoint records it.  The workers are one per core,
@@ -133,8 +133,8 @@ def build_parser():
                    help="sequences per micro-batch: each batch is cut into micro-batches of at most this many, "
                         "gradients accumulated; dropout masks are drawn per micro-batch, so it changes the numbers "
                         "(see parallel.py). auto: the largest size whose biggest activation (T x d_ff, or a "
-                        "block of attention scores) fits 1 MB, half a core's L2 -- from the shapes alone, never the "
-                        "machine (parallel.auto_micro_batch); recorded in the checkpoint (default: %(default)s)")
+                        "block of attention scores) fits 2 MB, at most half the batch -- from the shapes alone, never "
+                        "the machine (parallel.auto_micro_batch); recorded in the checkpoint (default: %(default)s)")
     g.add_argument("--workers", type=auto_or_count, default="auto",
                    help="worker processes running the micro-batches at once, one core each; the results do not "
                         "depend on it, bit for bit. auto: one per core, no more than the batch has micro-batches "
