@@ -25,13 +25,19 @@ M_MMAP_THRESHOLD = -3
 _in_effect = False
 
 
+def _glibc(name):
+    """The C library's function ``name`` through ctypes, or None where there is no such function."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def reuse_freed_memory(mmap_threshold=32 << 20, trim_threshold=1 << 30):
     """Ask glibc to keep freed blocks for reuse; returns True if the setting took effect."""
     global _in_effect
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = all(mallopt(param, value) for param, value in
@@ -49,9 +55,8 @@ def release_freed_memory():
     64 MB of a 100 MB text's 104 MB peak in the training process.  A no-op
     (False) where glibc is not the C library.
     """
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    trim = _glibc("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(trim(0))

@@ -112,7 +112,8 @@ def auto_micro_batch(config, B, itemsize=4):
     workers, sizes taking turns in one process (AMD EPYC Zen 4, 1 MB L2 a
     core; median of the rounds' ratios): the seed's micro-batches of 8
     against 4 took 0.98 (dropout 0) and 0.99 (dropout 0.1), 16 against 8
-    1.06; the wide model's 4 against 2 0.94, 8 against 4 slower again.  On
+    1.06; the wide model's 4 against 2 0.94, 8 against 4 1.13 (6 rounds,
+    widely spread).  On
     an AMD EPYC Zen 3, in-process micro-batches: the seed's 8 against 4
     0.95-0.97, the wide model's 4 against 2 0.96; nanoGPT's recipe has no
     larger choice under the cap (3 and 4 against 6: 1.08 and 1.29).
