@@ -125,7 +125,7 @@ def auto_micro_batch(config, B, itemsize=4):
     """
     T, H, F = config.context, config.n_heads, config.d_ff
     per_seq = T * max(F, H * ((T + 1) // 2)) * itemsize
-    b = max(1, min(B, -(-B // 2), ACTIVATION_BUDGET // per_seq))
+    b = max(1, min(math.ceil(B / 2), ACTIVATION_BUDGET // per_seq))  # half the batch is never more than B
     n = math.ceil(B / b)
     return math.ceil(B / n)  # the same n micro-batches, as even as they go
 
