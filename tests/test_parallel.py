@@ -436,3 +436,39 @@ def test_worker_start_up_does_not_count_against_a_call_timeout():
     the first call waits for the workers' "ready" under STARTUP_TIMEOUT, then times its own work only."""
     with DataParallel(small_model(), 2, micro_batch=2, timeout=0.1) as dp:  # a call: a few ms
         assert dp.loss(*batch(4)) > 0
+
+
+def test_workers_are_pinned_one_per_core_only_when_they_fill_the_cores():
+    from tinyllm_np.parallel import worker_cpus
+
+    assert worker_cpus(2, {0, 1}) == [0, 1]
+    assert worker_cpus(3, {5, 2, 7}) == [2, 5, 7]
+    assert worker_cpus(2, {0, 1, 2, 3}) is None  # spare cores: the scheduler's choice
+    assert worker_cpus(3, {0, 1}) is None  # more workers than cores: they must share
+    assert worker_cpus(1, {0}) is None  # one worker runs in this process
+
+
+def test_the_worker_on_this_core_is_woken_last():
+    from tinyllm_np.parallel import wake_order
+
+    assert wake_order(2, [0, 1], here=0) == [1, 0]
+    assert wake_order(2, [0, 1], here=1) == [0, 1]
+    assert wake_order(3, [4, 5, 6], here=5) == [0, 2, 1]
+    assert wake_order(1, [0, 1], here=0) == [0]  # one share of the call: only worker 0 is sent one
+    assert wake_order(2, None, here=0) == [0, 1]  # unpinned
+    assert wake_order(2, [0, 1], here=None) == [0, 1]  # no sched_getcpu
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and two or more allowed CPUs")
+def test_workers_that_fill_the_cores_run_pinned_and_give_the_same_numbers():
+    cpus = sorted(os.sched_getaffinity(0))
+    model = small_model(dtype=np.float32)
+    idx, tgt = batch(2 * len(cpus))
+    with DataParallel(model, len(cpus), micro_batch=1) as dp:
+        assert [os.sched_getaffinity(pid) for pid in dp.pids()] == [{c} for c in cpus]
+        loss, grads = dp.loss_and_grads(idx, tgt, train=True)
+    assert os.sched_getaffinity(0) == set(cpus)  # this process is left as it was
+    with DataParallel(small_model(dtype=np.float32), 1, micro_batch=1) as one:
+        loss1, grads1 = one.loss_and_grads(idx, tgt, train=True)
+    assert loss == loss1 and all(np.array_equal(grads[k], grads1[k]) for k in grads)
