@@ -8,9 +8,12 @@
 # split 90/10 as nanoGPT's data/shakespeare_char/prepare.py does (our --val-frac 0.1).
 # Run from the repository root; PyTorch runs with 2 threads.  Each side's output goes to OUT_DIR.
 # ORDER="ours nano" runs our side first (default "nano ours"); alternate it when repeating.
+# nanoGPT's side needs torch, numpy and tiktoken (its sample.py imports it) in this Python.
 set -eu
 NANO=$(cd "$1" && pwd); TEXT=$(realpath "$2"); OUT=$(realpath -m "${3:-/tmp/vs_nanogpt}")
 mkdir -p "$OUT"
+python -c "import torch, tiktoken" 2>/dev/null || { echo "vs_nanogpt.sh: nanoGPT's side needs torch and tiktoken (pip install torch tiktoken)" >&2; exit 1; }
+trap 'test $? -eq 0 || echo "vs_nanogpt.sh: a step failed; its output is in $OUT/*.txt" >&2' EXIT
 export OMP_NUM_THREADS=2
 # nanoGPT's char-level prepare step, on TEXT: vocabulary = sorted characters, uint16 ids, first 90% train
 python - "$TEXT" "$NANO/data/shakespeare_char" <<'PY'
