@@ -472,3 +472,25 @@ def test_workers_that_fill_the_cores_run_pinned_and_give_the_same_numbers():
     with DataParallel(small_model(dtype=np.float32), 1, micro_batch=1) as one:
         loss1, grads1 = one.loss_and_grads(idx, tgt, train=True)
     assert loss == loss1 and all(np.array_equal(grads[k], grads1[k]) for k in grads)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and two or more allowed CPUs")
+def test_a_pinning_that_fails_leaves_every_worker_unpinned():
+    import subprocess
+    import sys
+
+    from tinyllm_np.parallel import _pin
+
+    cpus = sorted(os.sched_getaffinity(0))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert _pin([alive.pid, gone.pid], cpus) is None
+        assert os.sched_getaffinity(alive.pid) == set(cpus)  # pinned first, then put back
+        assert _pin([alive.pid], cpus[:1]) == cpus[:1]
+        assert os.sched_getaffinity(alive.pid) == {cpus[0]}
+    finally:
+        alive.kill()
+        alive.wait()

@@ -173,6 +173,23 @@ def worker_cpus(workers, allowed=None):
     return allowed
 
 
+def _pin(pids, cpus):
+    """Pin process pids[i] to CPU cpus[i]; returns cpus, or None (all left unpinned) if cpus is None or it fails."""
+    if cpus is None:
+        return None
+    try:
+        for pid, cpu in zip(pids, cpus):
+            os.sched_setaffinity(pid, {cpu})
+    except OSError:  # not allowed after all (or a worker already gone): every worker back on every CPU
+        for pid in pids:
+            try:
+                os.sched_setaffinity(pid, cpus)
+            except OSError:
+                pass
+        return None
+    return cpus
+
+
 def _cpu_getter():
     """glibc's sched_getcpu (the CPU the calling thread is on) through ctypes, or None without it."""
     try:
@@ -415,7 +432,6 @@ class DataParallel:
         handlers = _ignore(_PARENT_SIGNALS)
         env_before = {name: os.environ.get(name) for name in _ONE_THREAD_ENV}
         os.environ.update(_ONE_THREAD_ENV)
-        cpus = worker_cpus(self.workers)
         try:
             for slot in range(self.workers):
                 conn, child = ctx.Pipe()
@@ -426,12 +442,7 @@ class DataParallel:
                 child.close()
                 self._conns.append(conn)
                 self._procs.append(p)
-                if cpus is not None:
-                    try:
-                        os.sched_setaffinity(p.pid, {cpus[slot]})
-                    except OSError:  # not allowed after all: unpinned, and woken in plain order
-                        cpus = None
-            self._cpus = cpus
+            self._cpus = _pin([p.pid for p in self._procs], worker_cpus(self.workers))
         except BaseException:
             self.close()
             raise
