@@ -138,7 +138,8 @@ def build_parser():
     g.add_argument("--workers", type=auto_or_count, default="auto",
                    help="worker processes running the micro-batches at once, one core each; the results do not "
                         "depend on it, bit for bit. auto: one per core, no more than the batch has micro-batches "
-                        "(parallel.auto_workers) (1: all in this process) (default: %(default)s)")
+                        "(parallel.auto_workers); workers that fill the cores are pinned one per core (1: all in this "
+                        "process) (default: %(default)s)")
     g.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
                    help="a worker silent this long counts as stuck: the last completed step is saved and the run "
                         "exits 1 (default: 120 s or 30 x the slowest step so far, whichever is longer)")
