@@ -31,9 +31,9 @@ When the workers fill the cores this process may run on (auto's choice: one
 per core), each is pinned to its own core (worker_cpus), and a call wakes first
 the workers whose core is not the caller's.  A worker woken on the caller's own
 core preempts it there, and the next worker's wake-up waited for the caller to
-run again: on 2 cores of an AMD EPYC (Zen 2), a third of the steps started
-their second worker about 3 ms late.  Pinned and woken in that order, none
-did, and the step at nanoGPT's CPU recipe took 0.96-0.98 of its time
+run again: on 2 cores of an AMD EPYC (Zen 2), up to a third of the steps
+(103 of 290 in one run, 6 in another) started their second worker 2-3 ms late.
+Pinned and woken in that order, none did, and the step at nanoGPT's CPU recipe took 0.96-0.98 of its time
 unpinned (three paired runs of 180 steps).
 
 The parameters reach the workers through shared memory: each call copies
