@@ -77,3 +77,13 @@ def test_module_command_bad_input(tmp_path, capsys):
     assert dataset.main(["--out", str(tmp_path / "d.txt"), "--dialogues", "5"]) == 2
     assert capsys.readouterr().err.startswith("dataset: error: need at least")
     assert not (tmp_path / "d.txt").exists()
+
+
+def test_dataset_command_runs_without_a_runpy_warning():
+    # `python -m tinyllm_np.dataset` (the README's command) once warned that the package had already
+    # imported the module it was asked to run: nothing the package imports may import dataset.py
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "tinyllm_np.dataset", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "RuntimeWarning" not in r.stderr, r.stderr

@@ -19,9 +19,8 @@ import numpy as np
 from .cli import EXIT_USAGE, OneLineParser, stdout_gone
 from .generate import check_slide, generate
 from .weights import WeightsError, load_model
-from .tokenizer import CharTokenizer
+from .tokenizer import BOT, END, USER, CharTokenizer
 
-USER, BOT, END = "<|user|>", "<|bot|>", "<|end|>"
 # a reply ends at <|end|>; <|user|> or <|bot|> would mean it ran on into a new turn (a weakly trained
 # model writes a literal <|bot|> mid-reply)
 STOP_MARKERS = (END, USER, BOT)

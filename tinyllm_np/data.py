@@ -35,9 +35,8 @@ import tempfile
 
 import numpy as np
 
-from .dataset import BOT, END, USER
 from .fileio import atomic_write
-from .tokenizer import CharTokenizer
+from .tokenizer import BOT, END, USER, CharTokenizer
 
 CHUNK = 1 << 22  # bytes read, decoded and encoded at a time
 SPLIT_RULE = "held-out-1"  # names the rule above; a change of rule rebuilds every ids file

@@ -22,8 +22,7 @@ import sys
 
 from .cli import OneLineParser
 from .fileio import atomic_write_bytes
-
-USER, BOT, END = "<|user|>", "<|bot|>", "<|end|>"
+from .tokenizer import BOT, END, USER
 
 ALPHABET = (
     "\n !',.<>?|"

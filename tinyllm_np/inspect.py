@@ -36,7 +36,8 @@ import sys
 import numpy as np
 
 from . import layers as L
-from .chat import BOT, END, USER, default_weights
+from .chat import default_weights
+from .tokenizer import BOT, END, USER
 from .cli import OneLineParser, run_main
 from .fileio import atomic_write_bytes
 from .model import Config, TinyLLM

@@ -11,6 +11,9 @@ always travels with the exact mapping it was trained with.
 
 import numpy as np
 
+# the chat format's turn markers, spelled in ordinary characters (the dataset, the chat, train.py's advice)
+USER, BOT, END = "<|user|>", "<|bot|>", "<|end|>"
+
 
 def id_dtype(V):
     """The smallest unsigned integer type that holds ids 0..V-1: uint8, uint16 or uint32."""

@@ -72,12 +72,11 @@ import numpy as np
 from .alloc import release_freed_memory, reuse_freed_memory
 from .cli import OneLineParser, run_main
 from .data import DataError, file_sha256, fixed_windows, open_corpus, sample_batch
-from .dataset import BOT, END, USER
 from .reference import dropout_threshold
 from .model import Config, TinyLLM
 from .optim import AdamW, clip_grad_norm, lr_at
 from .parallel import DataParallel, Interrupted, WorkerError, auto_micro_batch, auto_workers, micro_batches
-from .tokenizer import CharTokenizer
+from .tokenizer import BOT, END, USER, CharTokenizer
 from .weights import CHECKPOINT_KEYS, WeightsError, load_npz_checked
 from .fileio import atomic_savez, atomic_write_bytes
 from .inspect import InspectError, Timeline
