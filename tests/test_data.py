@@ -1,6 +1,8 @@
 """Dataset generator and character tokenizer."""
 
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,10 +82,8 @@ def test_module_command_bad_input(tmp_path, capsys):
 
 
 def test_dataset_command_runs_without_a_runpy_warning():
-    # `python -m tinyllm_np.dataset` (the README's command) once warned that the package had already
-    # imported the module it was asked to run: nothing the package imports may import dataset.py
-    import subprocess
-    import sys
+    # nothing the package's __init__ imports may import dataset.py, or `python -m tinyllm_np.dataset`
+    # (the README's command) warns that its module was imported before it ran
     r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "tinyllm_np.dataset", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "RuntimeWarning" not in r.stderr, r.stderr
