@@ -37,10 +37,10 @@ import numpy as np
 
 from . import layers as L
 from .chat import default_weights
-from .tokenizer import BOT, END, USER
 from .cli import OneLineParser, run_main
 from .fileio import atomic_write_bytes
 from .model import Config, TinyLLM
+from .tokenizer import BOT, END, USER
 from .weights import WeightsError, load_model
 
 EXAMPLE = USER + "Hello!" + BOT + "Hi there! How can I help you today?" + END
