@@ -81,15 +81,14 @@ def _layernorm_backward_no_var_term(dout, cache):
 
 def _attention_backward_no_softmax_sum(dout, cache):
     """Treats softmax as elementwise: dS = A * dA, dropping the row-sum term."""
-    qkv_cache, q, kT, vs, blocks, out_cache, scale, drop_scale, H = cache
-    k = kT.transpose(0, 1, 3, 2)
+    qkv_cache, q, k, vs, blocks, out_cache, drop_scale, H = cache  # q and k already scaled by 1/sqrt(D)
     B, _, T, D = q.shape
     dy, dw_out, db_out = L.linear_backward(dout, out_cache)
     dy = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(q), np.zeros_like(q)
     for s, e, att, keep, att_k in blocks:
         datt = dy[:, :, s:e] @ vs[:, :, :e].transpose(0, 1, 3, 2) * (1 if keep is None else keep) * att  # missing:
-        dq[:, :, s:e] = (datt @ k[:, :, :e]) * scale                                                   # - sum(dA * A)
+        dq[:, :, s:e] = datt @ k[:, :, :e]                                                             # - sum(dA * A)
         dk[:, :, :e] += datt.transpose(0, 1, 3, 2) @ q[:, :, s:e]
         dv[:, :, :e] += att_k.transpose(0, 1, 3, 2) @ dy[:, :, s:e] * drop_scale
     dqkv = np.stack((dq, dk, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)
