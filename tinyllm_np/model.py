@@ -356,10 +356,12 @@ class TinyLLM:
         if cfg.norm_first:
             h, cn1 = L.layernorm_forward(x, *norm1)
             a, ca = attn(h)
-            x = x[:, -1:] + a if last else x + a
+            a += x[:, -1:] if last else x  # x + attn(x), summed into attention's fresh output, as below
+            x = a
             h, cn2 = L.layernorm_forward(x, *norm2)
             f, cf = ffn(h)
-            x = x + f
+            f += x
+            x = f
         else:
             a, ca = attn(x)
             a += x[:, -1:] if last else x  # x + attn(x), summed into attention's fresh output: no new (B,T,C) array
@@ -619,10 +621,14 @@ class TinyLLM:
             return dx
 
         if cfg.norm_first:
-            # x2 = x1 + ffn(norm2(x1)):  the residual passes dout straight through
-            dx1 = dout + norm_back(ffn_back(dout), cn2, "norm2")
+            # x2 = x1 + ffn(norm2(x1)):  the residual passes dout straight through (summed into the
+            # branch's fresh gradient: no new (B,T,C) array)
+            dx1 = norm_back(ffn_back(dout), cn2, "norm2")
+            dx1 += dout
             # x1 = x + attn(norm1(x))
-            return dx1 + norm_back(attn_back(dx1), cn1, "norm1")
+            dx = norm_back(attn_back(dx1), cn1, "norm1")
+            dx += dx1
+            return dx
         # out = norm2(h + ffn(h)):  both paths into h receive d(h + ffn(h))
         ds = norm_back(dout, cn2, "norm2")
         dh = ffn_back(ds)
