@@ -61,3 +61,23 @@ def test_sum_in_order_is_the_left_to_right_sum_bit_for_bit(monkeypatch, chunk):
     got = sum_in_order(rows)
     assert got.dtype == np.float32 and np.array_equal(got, want)
     assert not np.shares_memory(sum_in_order(rows[:1]), rows)
+
+
+def test_default_pieces_are_equal_and_even_in_number():
+    """piece_length: the fewest equal pieces of at most CHUNK, an even count, so both threads get the same share."""
+    for n, chunk, want in ((818176, 262144, 204544), (626560, 262144, 156640), (262144, 262144, 262144),
+                           (10, 262144, 10), (17, 3, 3)):
+        got = chunks.piece_length(n, chunk)
+        assert got == want
+        count = -(-n // got)
+        assert got <= chunk and (count == 1 or count % 2 == 0)
+        assert count * got - n < count  # equal pieces, but for rounding in the last
+    assert chunks.piece_length(0) == 1  # nothing to cut: no zero-length step
+
+
+def test_over_chunks_default_is_piece_length(monkeypatch):
+    monkeypatch.setattr(chunks, "_cores", lambda: 2)
+    monkeypatch.setattr(chunks, "CHUNK", 4)
+    seen = []
+    over_chunks(lambda s, e: seen.append((s, e)), 10)  # 3 pieces of at most 4 -> 4 pieces of 3
+    assert sorted(seen) == [(0, 3), (3, 6), (6, 9), (9, 10)]

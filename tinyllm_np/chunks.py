@@ -4,21 +4,25 @@ The optimizer's update and the sum of the workers' gradients are a dozen passes
 over buffers of all the parameters, run after the workers are done, while the
 cores wait.  Two things make them cheaper:
 
-* chunks: each pass runs over a piece small enough (65,536 numbers, 256 KB in
-  float32) that the pieces of all the buffers stay in the core's L2 cache from
-  one pass to the next, instead of streaming every buffer from memory per pass;
 * two threads: NumPy releases the GIL inside a ufunc's loop, so a helper
-  thread working through the second half of the chunks runs on the other core.
+  thread working through the second half of the pieces runs on the other core.
   Elementwise passes give the same numbers whoever runs them, so the split
   never changes a result.
-
-Measured on 2 cores of an AMD EPYC (Zen 3), AdamW on nanoGPT's recipe (818,176
-parameters): see docs/performance.md.
+* pieces: each pass runs over a piece of at most CHUNK numbers (1 MB in
+  float32), so that a pass over one piece of every buffer still finds the
+  pieces in cache from the pass before, instead of streaming whole buffers
+  from memory; by default (piece_length) the fewest equal pieces of at most CHUNK,
+  an even number of them, so that both threads get the same share.  Fewer,
+  larger pieces also mean fewer NumPy calls, and fewer hand-offs of the GIL
+  between the two threads, which on an AMD EPYC (Zen 4, 1 MB L2, 32 MB L3)
+  cost more than the cache misses: AdamW's update at nanoGPT's CPU recipe
+  (818,176 parameters), timed inside a training step, 1.87 ms in pieces of
+  65,536 numbers against 1.38 ms in 4 equal pieces (docs/performance.md).
 """
 
 import os
 
-CHUNK = 65536  # numbers per piece
+CHUNK = 262144  # numbers per piece, at most
 
 _helper = None  # the helper thread's pool, made on first use
 
@@ -30,8 +34,15 @@ def _cores():
         return os.cpu_count() or 1
 
 
+def piece_length(n, chunk=None):
+    """The length of each piece of range(n): the fewest equal pieces of at most ``chunk`` (default CHUNK), an even number of them unless one."""
+    count = -(-n // (CHUNK if chunk is None else chunk))
+    count += count > 1 and count % 2  # even: the two threads' halves are equal
+    return max(1, -(-n // max(1, count)))
+
+
 def over_chunks(fn, n, chunk=None):
-    """fn(start, stop) for the consecutive pieces of range(n), each at most ``chunk`` (default CHUNK) long.
+    """fn(start, stop) for the consecutive pieces of range(n), each ``chunk`` long but the last (default: piece_length(n)).
 
     With two or more pieces and two or more cores, the first half of the
     pieces runs here and the second half on a helper thread, at the same time;
@@ -39,23 +50,23 @@ def over_chunks(fn, n, chunk=None):
     here, after both halves have stopped.
     """
     global _helper
-    chunk = CHUNK if chunk is None else chunk
-    pieces = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    if len(pieces) < 2 or _cores() < 2:
-        for s, e in pieces:
+    chunk = piece_length(n) if chunk is None else chunk
+    parts = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if len(parts) < 2 or _cores() < 2:
+        for s, e in parts:
             fn(s, e)
         return
     if _helper is None:  # imported here: the package's import (the sampler, the chat) stays without it
         from concurrent.futures import ThreadPoolExecutor
         _helper = ThreadPoolExecutor(1, thread_name_prefix="tinyllm-chunks")
-    half = (len(pieces) + 1) // 2
+    half = (len(parts) + 1) // 2
 
     def run(part):
         for s, e in part:
             fn(s, e)
 
-    later = _helper.submit(run, pieces[half:])
+    later = _helper.submit(run, parts[half:])
     try:
-        run(pieces[:half])
+        run(parts[:half])
     finally:
         later.result()

@@ -15,7 +15,6 @@ import math
 
 import numpy as np
 
-from . import chunks
 from .chunks import over_chunks
 
 
@@ -48,7 +47,7 @@ class AdamW:
     ``state_dict()`` / ``load_state_dict()`` hold t, m and v for checkpoints.
     """
 
-    CHUNK = chunks.CHUNK  # entries updated at a time (see step)
+    CHUNK = None  # entries updated at a time: None: chunks.piece_length's equal pieces (see step)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         if lr < 0 or eps < 0 or weight_decay < 0:
@@ -95,9 +94,9 @@ class AdamW:
         eps = self.eps
         for P, G, M, V, TMP in self._pairs(grads):
             # The update is a dozen elementwise passes, run piece by piece (chunks.over_chunks): the
-            # 256 KB pieces of p, g, m, v stay in L2 through all of them (over the whole 2.5 MB buffers
-            # each pass would stream them from memory again: 1.86 -> 1.32 ms for the 626,560
-            # parameters), and the second half of the pieces runs on a helper thread.
+            # pieces of p, g, m, v stay in cache through all of them, instead of each pass streaming
+            # the whole buffers from memory again, and the second half of the pieces runs on a
+            # helper thread.
             def update(s, e, P=P, G=G, M=M, V=V, TMP=TMP):
                 p, g, m, v, tmp = P[s:e], G[s:e], M[s:e], V[s:e], TMP[s:e]
                 if decay != 1:
