@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tinyllm_np import AdamW, Config, TinyLLM, clip_grad_norm, lr_at
+from tinyllm_np.model import flat_views
 
 
 def adamw_by_formula(p, grads, lr, b1, b2, eps, wd):
@@ -123,6 +124,23 @@ def test_clip_grad_norm():
     small = {"a": np.array([0.1])}
     clip_grad_norm(small, 1.0)
     assert small["a"][0] == 0.1  # under the limit: untouched
+
+
+def test_a_flat_gradient_gives_the_same_update_and_clip_as_its_views():
+    """AdamW.step and clip_grad_norm take the model's gradient as one 1-D array (DataParallel's flat=True) too."""
+    cfg = Config(vocab_size=7, d_model=8, n_layers=1, n_heads=2, d_ff=16, context=5)
+    models = [TinyLLM(cfg, seed=0) for _ in range(2)]
+    opts = [AdamW(m.params, lr=0.01, weight_decay=0.1) for m in models]
+    g = np.random.default_rng(0).standard_normal(models[0].n_params).astype(np.float32)
+    g_views = flat_views(models[0].shapes, g.copy())  # as model.loss_and_grads returns them
+    assert clip_grad_norm(g, 1.0) == clip_grad_norm(g_views, 1.0)
+    assert np.array_equal(g, np.concatenate([v.ravel() for v in g_views.values()]))
+    opts[0].step(g)
+    opts[1].step(g_views)
+    assert np.array_equal(models[0].flat, models[1].flat)
+    for bad in (g[:-1], g.astype(np.float64), g.reshape(1, -1)):
+        with pytest.raises(ValueError, match="flat gradient"):
+            opts[0].step(bad)
 
 
 def test_lr_schedules():

@@ -609,10 +609,14 @@ class DataParallel:
                 raise value
         return [loss for _, losses in replies for loss in losses]
 
-    def loss_and_grads(self, idx, targets, train=False):
-        """Same contract as TinyLLM.loss_and_grads: (mean loss, grads laid out like model.flat)."""
+    def loss_and_grads(self, idx, targets, train=False, flat=False):
+        """Same contract as TinyLLM.loss_and_grads: (mean loss, grads laid out like model.flat).
+
+        With ``flat``, the gradient is the one 1-D array those views would be
+        carved from, as AdamW.step and clip_grad_norm also take it (train.py).
+        """
         loss, grads = self._call(idx, targets, True, train)
-        return loss, flat_views(self.model.shapes, grads)
+        return loss, (grads if flat else flat_views(self.model.shapes, grads))
 
     def loss(self, idx, targets):
         """Mean cross-entropy in evaluation mode (no dropout), the micro-batches spread over the workers."""

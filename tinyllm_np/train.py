@@ -551,7 +551,7 @@ def train(args):
             opt.lr = lr_at(step, args.lr, schedule_len, args.warmup, args.schedule, args.min_lr)
             x, y = sample_batch(train_ids, B, T, data_rng)
             with np.errstate(over="ignore", invalid="ignore"):  # a blow-up is caught just below
-                loss, grads = dp.loss_and_grads(x, y, train=True)
+                loss, grads = dp.loss_and_grads(x, y, train=True, flat=True)  # one array, laid out like model.flat
                 gnorm = clip_grad_norm(grads, args.clip if args.clip > 0 else math.inf)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
                 return blown_up("loss" if not math.isfinite(loss) else "gradient", step + 1, args.checkpoint)
