@@ -247,26 +247,22 @@ def gelu_backward(dout, cache):
 
         dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx = s + s (1 - s) * 2 x du/dx
         du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    with s saved from the forward, so that
-        dx = dout s + P (2K x + 6AK x^3),   P = dout s (1 - s),  K = sqrt(2/pi), A = 0.044715
-    One fresh array (dx) and the forward's s, ours alone, as the scratch for P
-    (the cache is spent): one fresh array and one pass fewer than with dy/dx
-    built first.  Forward and backward of a (6,64,512) array 558 -> 539 us
-    (one AMD EPYC Zen 4 core, median of 15 paired rounds, ratio 0.96).
+    with s saved from the forward.  dx = dout * dy/dx, accumulated in one fresh
+    array with one scratch array (in-place passes, as the forward).
     """
     x, s = cache
     f = x.dtype.type
-    dx = np.multiply(dout, s)  # dout s
-    p = np.subtract(1, s, out=s)
-    p *= dx  # P = dout s (1 - s)
-    p *= x
-    p *= f(2 * GELU_K)
-    dx += p  # + 2K x P
-    p *= x
-    p *= x
-    p *= f(3 * GELU_A)
-    dx += p  # + 6AK x^3 P
-    return dx
+    g = np.multiply(x, x)  # 2 x du/dx, then dy/dx, accumulated in g
+    g *= f(3 * GELU_A)
+    g += 1
+    g *= x
+    g *= f(2 * GELU_K)
+    h = np.subtract(1, s)
+    h *= s  # s (1 - s)
+    g *= h
+    g += s
+    g *= dout
+    return g
 
 
 ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gelu_backward)}
