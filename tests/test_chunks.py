@@ -63,21 +63,15 @@ def test_sum_in_order_is_the_left_to_right_sum_bit_for_bit(monkeypatch, chunk):
     assert not np.shares_memory(sum_in_order(rows[:1]), rows)
 
 
-def test_default_pieces_are_equal_and_even_in_number():
-    """piece_length: the fewest equal pieces of at most CHUNK, an even count, so both threads get the same share."""
-    for n, chunk, want in ((818176, 262144, 204544), (626560, 262144, 156640), (262144, 262144, 262144),
-                           (10, 262144, 10), (17, 3, 3)):
-        got = chunks.piece_length(n, chunk)
-        assert got == want
-        count = -(-n // got)
-        assert got <= chunk and (count == 1 or count % 2 == 0)
-        assert count * got - n < count  # equal pieces, but for rounding in the last
-    assert chunks.piece_length(0) == 1  # nothing to cut: no zero-length step
-
-
-def test_over_chunks_default_is_piece_length(monkeypatch):
-    monkeypatch.setattr(chunks, "_cores", lambda: 2)
-    monkeypatch.setattr(chunks, "CHUNK", 4)
-    seen = []
-    over_chunks(lambda s, e: seen.append((s, e)), 10)  # 3 pieces of at most 4 -> 4 pieces of 3
-    assert sorted(seen) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+def test_default_pieces_are_near_equal_and_even_in_number(monkeypatch):
+    """piece_count: the fewest pieces of at most CHUNK, an even count, cut near-equal, so both threads get the same share."""
+    monkeypatch.setattr(chunks, "_cores", lambda: 1)  # in order, on this thread
+    for n, chunk, count in ((818176, 262144, 4), (626560, 262144, 4), (262144, 262144, 1), (10, 262144, 1),
+                            (9, 4, 4), (17, 3, 6), (3, 1, 3), (0, 4, 0)):
+        monkeypatch.setattr(chunks, "CHUNK", chunk)
+        seen = []
+        over_chunks(lambda s, e: seen.append((s, e)), n)
+        assert len(seen) == count
+        assert not seen or ([s for s, _ in seen] == [0] + [e for _, e in seen[:-1]] and seen[-1][1] == n)
+        sizes = [e - s for s, e in seen]
+        assert all(0 < x <= chunk for x in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)

@@ -47,7 +47,7 @@ class AdamW:
     ``state_dict()`` / ``load_state_dict()`` hold t, m and v for checkpoints.
     """
 
-    CHUNK = None  # entries updated at a time: None: chunks.piece_length's equal pieces (see step)
+    CHUNK = None  # entries updated at a time: None: chunks.piece_count's near-equal pieces (see step)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         if lr < 0 or eps < 0 or weight_decay < 0:
