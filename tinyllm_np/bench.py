@@ -79,7 +79,7 @@ CONFIGS = {
 }
 
 
-# Timed steps per configuration by default (--steps sets them all), in rounds of 4 (--rounds): about 10-40 s
+# Timed steps per configuration by default (--steps sets them all), in rounds of 4 (--rounds): about 10-50 s
 # each on 2 cores.  The short step of nanoGPT's recipe gets more: its ratio in a round of 4 steps moved by
 # +-0.05 from round to round on the shared 2-core machine, more than a change to the code usually buys.
 STEPS = {"seed": 20, "seed-p0": 60, "nanogpt": 100, "wide": 20}  # seed-p0 sits nearest the 0.8 line: 15 rounds
@@ -341,7 +341,7 @@ def main(argv=None):
     print("training steps (forward, backward, AdamW), median of each configuration's steps, spread over rounds "
           "in which ours and PyTorch's take turns; ratio = median over the rounds of ours / the faster PyTorch "
           "in that round, with the middle half of the rounds' ratios")
-    workers_rss, table, library = 0.0, [], None
+    workers_rss, table, library, shares = 0.0, [], None, []
     for name in names:
         what, cfg, B = CONFIGS[name]
         T = cfg.context
@@ -364,13 +364,14 @@ def main(argv=None):
             workers_rss = max(workers_rss, sum(peak_rss_of(pid) for pid in dp.pids()))
         finally:
             dp.close()
-        # measured again after each configuration, the best kept: one measurement in a slow
-        # moment of a shared machine (half the peak, once) would put a step above 100 % of it
+        # measured again after each configuration, the best of all kept for the shares of it printed
+        # at the end: one measurement in a slow moment of a shared machine (half the peak, once) put
+        # every step above 100 % of it
         peak = max(peak, matmul_peak())
+        shares.append((name, flops / t / 1e9))
         print(f"[{name}] {what}; B={B}, T={T}, {TinyLLM(cfg).n_params:,} parameters, {flops / 1e9:.2f} GFLOP")
         print(f"  numpy training step, dropout {cfg.dropout}, micro-batches of {mb}, {w} worker(s): "
-              f"{t * 1e3:.1f} ms ({B * T / t:,.0f} tokens/s, {100 * flops / t / 1e9 / peak:.1f}% of peak, "
-              f"the best measured so far: {peak:.0f} GFLOP/s)")
+              f"{t * 1e3:.1f} ms ({B * T / t:,.0f} tokens/s, {flops / t / 1e9:.1f} GFLOP/s)")
         row = [name, t]
         if torch is not None:
             tg, te = torch_times
@@ -380,6 +381,8 @@ def main(argv=None):
                   f"(median of {rounds} rounds' ratios, {steps} steps each side; middle half {lo:.2f}-{hi:.2f})")
             row += [tg, te, ratio]
         table.append(row)
+    print(f"float32 matmul peak, the best of {len(names) + 1} measurements: {peak:.1f} GFLOP/s; our steps' share "
+          "of it: " + ", ".join(f"{name} {100 * gf / peak:.1f}% of peak" for name, gf in shares))
     train_rss = peak_rss_mb()
     others_rss = sum(peak_rss_of(pid) for pid in child_pids())  # multiprocessing's resource tracker
     print(f"peak RSS of the training steps: {train_rss + workers_rss + others_rss:.0f} MB "

@@ -356,7 +356,7 @@ class TinyLLM:
         if cfg.norm_first:
             h, cn1 = L.layernorm_forward(x, *norm1)
             a, ca = attn(h)
-            a += x[:, -1:] if last else x  # x + attn(x), summed into attention's fresh output, as below
+            a += x[:, -1:] if last else x  # x + attn(norm1(x)), summed into attention's fresh output
             x = a
             h, cn2 = L.layernorm_forward(x, *norm2)
             f, cf = ffn(h)

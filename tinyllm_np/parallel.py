@@ -239,7 +239,7 @@ def sum_in_order(rows):
     The one order the gradient slots are added in, whatever the number of
     workers (np.add.reduce might sum a short axis pairwise, an order that is
     not the documented one).  Piece by piece (chunks.over_chunks): each piece
-    of the total stays in L2 through the K - 1 additions, and half the pieces
+    of the total stays in cache through the K - 1 additions, and half the pieces
     are added on a helper thread; every number is still the same left-to-right
     sum.
     """
