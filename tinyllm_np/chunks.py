@@ -11,8 +11,8 @@ cores wait.  Two things make them cheaper:
 * pieces: each pass runs over a piece of at most CHUNK numbers (1 MB in
   float32), so that a pass over one piece of every buffer still finds the
   pieces in cache from the pass before, instead of streaming whole buffers
-  from memory; by default (piece_count) the fewest near-equal pieces of at most CHUNK,
-  an even number of them, so that both threads get the same share.  Fewer,
+  from memory; by default (piece_count) the fewest near-equal pieces of at
+  most CHUNK, an even number of them, so both threads get the same share.  Fewer,
   larger pieces also mean fewer NumPy calls, and fewer hand-offs of the GIL
   between the two threads, which on an AMD EPYC (Zen 4, 1 MB L2, 32 MB L3)
   cost more than the cache misses: AdamW's update at nanoGPT's CPU recipe

@@ -158,9 +158,10 @@ def layernorm_backward(dout, cache):
     (dout @ w) / C, and with t = dout * xhat (whose column sums are dw),
     mean(g * xhat) = (t @ w) / C; t then holds the correction
     mean(g) + xhat * mean(g * xhat).  Six elementwise passes over (N,C) (and
-    four matrix-vector products) with two fresh arrays, where an einsum for dw, row dots for mean(g * xhat) and a third
-    fresh array took longer: a (6,64,128) forward and backward 212 -> 204 us
-    (one AMD EPYC Zen 4 core, median of 15 paired rounds, ratio 0.94).
+    four matrix-vector products) with two fresh arrays, where an einsum for
+    dw, row dots for mean(g * xhat) and a third fresh array took longer: a
+    (6,64,128) forward and backward 212 -> 204 us (one AMD EPYC Zen 4 core,
+    median of 15 paired rounds, ratio 0.94).
     """
     xhat, rstd, w = cache  # xhat (N,C), rstd (N,1): the rows of the forward
     C = xhat.shape[-1]
@@ -391,9 +392,10 @@ def attention_forward(x, w_in, b_in, w_out, b_out, n_heads, p_drop=0.0, rng=None
     at (6,64,128)) instead of transposed back from kT in the backward (27 us);
     with the backward's row dots on (B,T,H,D) rows (below), attention's
     forward and backward at (6,64,128) 3.32 -> 3.15 ms (one AMD EPYC Zen 4
-    core, median of 15 paired rounds, ratio 0.96).  The heads' outputs are written straight into (B,T,C) order.  Dropout's
-    1/(1-p) multiplies v, (T,D) per head, rather than the (T,T) weights; the
-    cache keeps A, the mask and A * keep, so the backward rebuilds nothing
+    core, median of 15 paired rounds, ratio 0.96).  The heads' outputs are
+    written straight into (B,T,C) order.  Dropout's 1/(1-p) multiplies v,
+    (T,D) per head, rather than the (T,T) weights; the cache keeps A, the
+    mask and A * keep, so the backward rebuilds nothing
     (A * keep costs 0.8 MB a layer for a micro-batch of 4; rebuilding it was
     slower).
 
