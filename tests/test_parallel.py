@@ -52,11 +52,10 @@ def test_same_loss_and_gradients_as_one_batch(B, workers, micro_batch):
     with DataParallel(model, workers, micro_batch) as dp:
         loss_dp, grads_dp = dp.loss_and_grads(idx, tgt)
         assert dp.loss(idx, tgt) == pytest.approx(loss, rel=1e-13)
+        loss_flat, flat = dp.loss_and_grads(idx, tgt, flat=True)  # the one array the views are carved from
     assert loss_dp == pytest.approx(loss, rel=1e-13)
     assert list(grads_dp) == list(grads)
     assert max_diff(grads, grads_dp) < 1e-13 * max(float(np.abs(g).max()) for g in grads.values())
-    with DataParallel(model, workers, micro_batch) as dp:  # flat=True: the one array the views are carved from
-        loss_flat, flat = dp.loss_and_grads(idx, tgt, flat=True)
     assert loss_flat == loss_dp and flat.shape == model.flat.shape
     assert np.array_equal(flat, np.concatenate([g.ravel() for g in grads_dp.values()]))
 
