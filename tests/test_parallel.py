@@ -389,6 +389,44 @@ def test_auto_micro_batch_follows_the_activation_budget():
         assert len(sizes) >= 2 or B == 1
 
 
+def test_eval_micro_batches_follow_the_budget_in_an_even_count():
+    """Evaluation's micro-batches: the budget's size, not the training micro-batch's; at least 2, an even count."""
+    from tinyllm_np.parallel import eval_micro_batches
+
+    nanogpt = Config(vocab_size=65, n_layers=4, context=64, norm_first=True, activation="gelu")
+    seed = Config(vocab_size=59)
+    assert [s.stop - s.start for s in eval_micro_batches(nanogpt, 240)] == [15] * 16  # 15 would need 16 each
+    assert [s.stop - s.start for s in eval_micro_batches(nanogpt, 12)] == [6, 6]  # one batch: both workers
+    assert [s.stop - s.start for s in eval_micro_batches(seed, 256)] == [8] * 32
+    assert eval_micro_batches(seed, 1) == [slice(0, 1)]
+    for B in range(1, 200):
+        sizes = [s.stop - s.start for s in eval_micro_batches(seed, B)]
+        assert sum(sizes) == B and max(sizes) <= 8 and max(sizes) - min(sizes) <= 1
+        assert len(sizes) == B or len(sizes) % 2 == 0 and len(sizes) >= 2 or B == 1
+
+
+def test_a_large_evaluation_batch_runs_in_rounds_without_restarting_the_workers(monkeypatch):
+    """Many evaluation micro-batches in rounds of the token buffer: the full batch's loss, whoever runs it."""
+    from tinyllm_np import parallel
+
+    monkeypatch.setattr(parallel, "ACTIVATION_BUDGET", 3 * 8 * 24 * 4)  # 3 of SMALL's sequences (T x d_ff floats)
+    model = small_model(dtype=np.float32, dropout=0.1)
+    idx, tgt = batch(50, seed=4)
+    full = model.loss(idx, tgt)
+    with DataParallel(model, 2, micro_batch=2, batch_size=4) as dp:
+        pids, rows = dp.pids(), dp._shared.rows
+        parts = parallel.eval_micro_batches(model.config, 50, 4)
+        assert rows < 50 and len(parts) > 2 * parallel.EVAL_ROUND  # so it really takes several rounds
+        loss = dp.loss(idx, tgt)
+        assert dp.pids() == pids and len(dp._slots) == 2  # no restart, no new gradient slots
+    with DataParallel(model, 1, micro_batch=2) as dp:
+        assert dp.loss(idx, tgt) == loss  # the same micro-batches added in the same order
+    assert loss == pytest.approx(full, rel=1e-5)
+    weights = [(s.stop - s.start) / 50 for s in parts]
+    by_hand = sum(w * model.loss(idx[s], tgt[s]) for s, w in zip(parts, weights))
+    assert loss == by_hand
+
+
 def test_auto_micro_batch_does_not_depend_on_the_machine(monkeypatch):
     """It changes the dropout masks, so the same command must pick the same size on any machine."""
     from tinyllm_np import parallel

@@ -132,11 +132,31 @@ def auto_micro_batch(config, B, itemsize=4):
     so the same command must give the same run anywhere.  A checkpoint records
     the size used; a resumed run takes it from there.
     """
-    T, H, F = config.context, config.n_heads, config.d_ff
-    per_seq = T * max(F, H * ((T + 1) // 2)) * itemsize
-    b = max(1, min(math.ceil(B / 2), ACTIVATION_BUDGET // per_seq))  # half the batch is never more than B
+    b = max(1, min(math.ceil(B / 2), budget_sequences(config, itemsize)))  # half the batch is never more than B
     n = math.ceil(B / b)
     return math.ceil(B / n)  # the same n micro-batches, as even as they go
+
+
+def eval_micro_batches(config, B, itemsize=4):
+    """Slices of an evaluation batch of B sequences (DataParallel.loss): sized by the budget alone, an even count.
+
+    A forward keeps nothing for a backward, and an evaluation batch may be
+    large (train.py sends all its windows in one call), so its micro-batches
+    are the fewest near-equal ones within budget_sequences, not the training
+    micro-batch: at nanoGPT's recipe, 16 of 15 sequences for its 240 against
+    40 of 6.  At least two for a batch of two or more, and an even number, so
+    that two workers get equal shares.  A function of the shapes alone: the
+    number of workers never changes the loss.
+    """
+    n = max(min(B, 2), math.ceil(B / budget_sequences(config, itemsize)))
+    return split_batch(B, n + (n > 1 and n % 2 == 1 and n < B))
+
+
+def budget_sequences(config, itemsize=4):
+    """The most sequences whose largest activation fits ACTIVATION_BUDGET, at least 1 (auto_micro_batch)."""
+    T, H, F = config.context, config.n_heads, config.d_ff
+    per_seq = T * max(F, H * ((T + 1) // 2)) * itemsize
+    return max(1, ACTIVATION_BUDGET // per_seq)
 
 
 def auto_workers(B, micro_batch, cores=None):
@@ -279,10 +299,10 @@ def _send_error(conn, e):
 
 
 class _Shared:
-    """The buffers the workers share with the caller, room for ``capacity`` micro-batches of ``micro_batch``."""
+    """The buffers the workers share with the caller: ``capacity`` gradient slots, ``rows`` sequences of tokens."""
 
-    def __init__(self, ctx, n_params, dtype, capacity, micro_batch, context):
-        self.capacity, self.rows, self.context = capacity, capacity * micro_batch, context
+    def __init__(self, ctx, n_params, dtype, capacity, rows, context):
+        self.capacity, self.rows, self.context = capacity, rows, context
         self.params_buf = ctx.RawArray(ctypes.c_byte, n_params * dtype.itemsize)
         self.slots_buf = ctx.RawArray(ctypes.c_byte, capacity * n_params * dtype.itemsize)
         self.tokens_buf = ctx.RawArray(ctypes.c_int64, 2 * self.rows * context)  # idx, then targets
@@ -359,6 +379,8 @@ class Interrupted(Exception):
 # Seconds between looks at the caller's stop flag while waiting for the workers
 _POLL = 0.05
 
+EVAL_ROUND = 4  # evaluation micro-batches per worker per call to the workers, at most (DataParallel._eval_loss)
+
 
 class DataParallel:
     """model's loss and gradients, the batch cut into micro-batches run by ``workers`` processes.
@@ -424,7 +446,11 @@ class DataParallel:
             self._slots = np.empty((capacity, model.n_params), model.dtype)
             return
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of BLAS's threads
-        self._shared = _Shared(ctx, model.n_params, model.dtype, capacity, self.micro_batch, model.config.context)
+        # token rows for a training batch of ``capacity`` micro-batches, or EVAL_ROUND evaluation
+        # micro-batches per worker (_call), whichever is more: a few hundred kB
+        rows = max(capacity * self.micro_batch,
+                   EVAL_ROUND * self.workers * budget_sequences(model.config, model.dtype.itemsize))
+        self._shared = _Shared(ctx, model.n_params, model.dtype, capacity, rows, model.config.context)
         self._slots = self._shared.slots
         # The workers start with SIGINT and SIGTERM ignored (on POSIX a new interpreter keeps an
         # inherited SIG_IGN; each worker sets it again first thing), so that a Ctrl-C in the terminal,
@@ -556,22 +582,47 @@ class DataParallel:
         B, T = idx.shape
         if B == 0:
             raise ValueError("the batch is empty")
+        if not want_grads:
+            return self._eval_loss(idx, targets), None
         parts = micro_batches(B, self.micro_batch)
         chunks = [(s, (s.stop - s.start) / B) for s in parts]
-        if train and want_grads and model.config.dropout > 0:
+        if train and model.config.dropout > 0:
             seeds = [int(s) for s in model.rng.integers(0, 2 ** 63, size=len(parts))]
         else:
             seeds = [None] * len(parts)
         if len(parts) > len(self._slots):  # a larger batch than the buffers were made for
             self._stop_workers()
             self._start(len(parts))
-        slots = self._slots[:len(parts)] if want_grads else None
+        slots = self._slots[:len(parts)]
         if not self._procs:
             losses = _run(model, idx, targets, chunks, seeds, slots, train)
         else:
-            losses = self._on_workers(idx, targets, chunks, seeds, want_grads, train)
-        loss = sum(losses)  # left to right, in micro-batch order
-        return loss, (sum_in_order(slots) if want_grads else None)
+            losses = self._on_workers(idx, targets, chunks, seeds, True, train)
+        return sum(losses), sum_in_order(slots)  # the losses left to right, in micro-batch order
+
+    def _eval_loss(self, idx, targets):
+        """Evaluation-mode mean loss of any batch, in eval_micro_batches, run in rounds.
+
+        No gradient slots are needed, so a batch of any size runs without
+        restarting the workers: they take the micro-batches in rounds of at most
+        EVAL_ROUND each, as many rows as the token buffer holds.
+        """
+        B = idx.shape[0]
+        parts = eval_micro_batches(self.model.config, B, self.model.dtype.itemsize)
+        chunks = [(s, (s.stop - s.start) / B) for s in parts]
+        seeds = [None] * len(parts)
+        if not self._procs:
+            return sum(_run(self.model, idx, targets, chunks, seeds, None, False))
+        losses, i = [], 0
+        while i < len(parts):  # a round: the next micro-batches that fit the token buffer together
+            a, j = parts[i].start, i + 1
+            while j < len(parts) and parts[j].stop - a <= self._shared.rows:
+                j += 1
+            e = parts[j - 1].stop
+            local = [(slice(s.start - a, s.stop - a), w) for s, w in chunks[i:j]]
+            losses += self._on_workers(idx[a:e], targets[a:e], local, seeds[i:j], False, False)
+            i = j
+        return sum(losses)  # left to right, in micro-batch order
 
     def _on_workers(self, idx, targets, chunks, seeds, want_grads, train):
         """The weighted losses of all micro-batches, in order, their gradients in the shared slots."""
@@ -619,5 +670,9 @@ class DataParallel:
         return loss, (grads if flat else flat_views(self.model.shapes, grads))
 
     def loss(self, idx, targets):
-        """Mean cross-entropy in evaluation mode (no dropout), the micro-batches spread over the workers."""
+        """Mean cross-entropy in evaluation mode (no dropout), the micro-batches spread over the workers.
+
+        Any batch size, without restarting the workers; its micro-batches are
+        auto_micro_batch's for this batch (see _eval_loss), not ``micro_batch``.
+        """
         return self._call(idx, targets, False, False)[0]
