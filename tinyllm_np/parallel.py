@@ -406,8 +406,8 @@ class DataParallel:
     process is gone.
 
     ``batch_size`` sizes the shared buffers (one gradient slot per micro-batch
-    of a batch that large); a larger batch later restarts the workers with room
-    for it.  ``timeout``: seconds a worker may take to answer before it counts
+    of a batch that large); a larger batch for loss_and_grads later restarts the
+    workers with room for it, while loss takes a batch of any size in rounds.  ``timeout``: seconds a worker may take to answer before it counts
     as stuck (WorkerError); None: 120 s or 30 times the slowest call so far,
     whichever is longer -- a training step of the 626,560-parameter model takes
     0.1-0.3 s on 2 cores, so a worker silent for minutes is stuck, not slow.
