@@ -268,7 +268,7 @@ def evaluate(dp, windows):
     mean of the batches' means.  One call lets DataParallel.loss run them in
     micro-batches sized for a forward alone, a few rounds of the workers instead
     of a call per batch: an evaluation of nanoGPT's recipe (2 x 20 batches of
-    12) took 666 -> 549 ms on 2 shared AMD EPYC Zen 4 cores (docs/performance.md).
+    12) took 603 -> 524 ms on 2 shared AMD EPYC Zen 4 cores (docs/performance.md).
     """
     return float(dp.loss(np.concatenate([x for x, _ in windows]), np.concatenate([y for _, y in windows])))
 
