@@ -406,8 +406,9 @@ class DataParallel:
     process is gone.
 
     ``batch_size`` sizes the shared buffers (one gradient slot per micro-batch
-    of a batch that large); a larger batch for loss_and_grads later restarts the
-    workers with room for it, while loss takes a batch of any size in rounds.  ``timeout``: seconds a worker may take to answer before it counts
+    of a batch that large); a larger batch for loss_and_grads later restarts
+    the workers with room for it, while loss takes a batch of any size in
+    rounds.  ``timeout``: seconds a worker may take to answer before it counts
     as stuck (WorkerError); None: 120 s or 30 times the slowest call so far,
     whichever is longer -- a training step of the 626,560-parameter model takes
     0.1-0.3 s on 2 cores, so a worker silent for minutes is stuck, not slow.
@@ -447,7 +448,7 @@ class DataParallel:
             return
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of BLAS's threads
         # token rows for a training batch of ``capacity`` micro-batches, or EVAL_ROUND evaluation
-        # micro-batches per worker (_call), whichever is more: a few hundred kB
+        # micro-batches per worker (_eval_loss), whichever is more: a few hundred kB
         rows = max(capacity * self.micro_batch,
                    EVAL_ROUND * self.workers * budget_sequences(model.config, model.dtype.itemsize))
         self._shared = _Shared(ctx, model.n_params, model.dtype, capacity, rows, model.config.context)
@@ -673,6 +674,6 @@ class DataParallel:
         """Mean cross-entropy in evaluation mode (no dropout), the micro-batches spread over the workers.
 
         Any batch size, without restarting the workers; its micro-batches are
-        auto_micro_batch's for this batch (see _eval_loss), not ``micro_batch``.
+        eval_micro_batches' for this batch, not ``micro_batch``.
         """
         return self._call(idx, targets, False, False)[0]
