@@ -85,7 +85,7 @@ import numpy as np
 
 from . import alloc
 from .blas import blas_threads
-from .chunks import over_chunks
+from .chunks import over_chunks, piece_count
 from .model import TinyLLM, flat_views
 
 def split_batch(B, parts):
@@ -144,12 +144,11 @@ def eval_micro_batches(config, B, itemsize=4):
     large (train.py sends all its windows in one call), so its micro-batches
     are the fewest near-equal ones within budget_sequences, not the training
     micro-batch: at nanoGPT's recipe, 16 of 15 sequences for its 240 against
-    40 of 6.  At least two for a batch of two or more, and an even number, so
-    that two workers get equal shares.  A function of the shapes alone: the
+    40 of 6.  At least two for a batch of two or more, and an even number
+    (chunks.piece_count's rule), so that two workers get equal shares.  A function of the shapes alone: the
     number of workers never changes the loss.
     """
-    n = max(min(B, 2), math.ceil(B / budget_sequences(config, itemsize)))
-    return split_batch(B, n + (n > 1 and n % 2 == 1 and n < B))
+    return split_batch(B, min(B, max(2, piece_count(B, budget_sequences(config, itemsize)))))
 
 
 def budget_sequences(config, itemsize=4):
