@@ -8,6 +8,9 @@
 # split 90/10 as nanoGPT's data/shakespeare_char/prepare.py does (our --val-frac 0.1).
 # Run from the repository root; PyTorch runs with 2 threads.  Each side's output goes to OUT_DIR.
 # ORDER="ours nano" runs our side first (default "nano ours"); alternate it when repeating.
+# INTERLEAVE=2 runs the two trainings in turns of 2 s instead, one stopped while the other runs
+# (docs/interleave.py), so that the host's drift over the minutes falls on both alike; the times are
+# then the sums of each side's turns.
 # nanoGPT's side needs torch, numpy and tiktoken (its sample.py imports it) in this Python.
 set -eu
 NANO=$(cd "$1" && pwd); TEXT=$(realpath "$2"); OUT=$(realpath -m "${3:-/tmp/vs_nanogpt}")
@@ -29,19 +32,18 @@ with open(f"{folder}/meta.pkl", "wb") as f:
     pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
 PY
 t() { /usr/bin/time -f "%e s wall, %M KB peak" "$@"; }
-# training: nanoGPT's README CPU recipe (it evaluates every 250 iterations on eval_iters=20 batches)
-train_nano() {
-(cd "$NANO" && t python train.py config/train_shakespeare_char.py --device=cpu --compile=False \
+# training: nanoGPT's README CPU recipe (it evaluates every 250 iterations on eval_iters=20 batches);
+# each command a string for sh -c (NANO, TEXT and OUT exported), so that interleave.py can run it too
+export NANO TEXT OUT
+NANO_TRAIN='cd "$NANO" && exec python train.py config/train_shakespeare_char.py --device=cpu --compile=False \
     --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 \
-    --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0) > "$OUT/nanogpt_train.txt" 2>&1
-}
-train_ours() {
-t python train.py --data "$TEXT" --out "$OUT/ours.npz" --checkpoint "$OUT/ours_ckpt.npz" --log "$OUT/ours_log.csv" \
-    --plot '' --batch-size 12 --context 64 --n-layers 4 --n-heads 4 --d-model 128 --d-ff 512 --norm-first \
-    --activation gelu --dropout 0 --lr 1e-3 --min-lr 1e-4 --schedule cosine --warmup 100 --beta2 0.99 \
-    --weight-decay 0.1 --clip 1.0 --max-steps 2000 --eval-every 250 --eval-batches 20 --ckpt-every 250 \
-    > "$OUT/ours_train.txt" 2>&1
-}
+    --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0'
+OURS_TRAIN='exec python train.py --data "$TEXT" --out "$OUT/ours.npz" --checkpoint "$OUT/ours_ckpt.npz" \
+    --log "$OUT/ours_log.csv" --plot "" --batch-size 12 --context 64 --n-layers 4 --n-heads 4 --d-model 128 \
+    --d-ff 512 --norm-first --activation gelu --dropout 0 --lr 1e-3 --min-lr 1e-4 --schedule cosine --warmup 100 \
+    --beta2 0.99 --weight-decay 0.1 --clip 1.0 --max-steps 2000 --eval-every 250 --eval-batches 20 --ckpt-every 250'
+train_nano() { t sh -c "$NANO_TRAIN" > "$OUT/nanogpt_train.txt" 2>&1; }
+train_ours() { t sh -c "$OURS_TRAIN" > "$OUT/ours_train.txt" 2>&1; }
 # sampling: 4 samples x 1000 new characters from each side's model (nanoGPT: temperature 0.8, top_k 200)
 sample_nano() {
 (cd "$NANO" && t python sample.py --out_dir=out-shakespeare-char --num_samples=4 --max_new_tokens=1000 \
@@ -64,7 +66,12 @@ for _ in range(4):
 " "$OUT/ours.npz" > "$OUT/ours_sample.txt" 2>&1
 fi
 }
-for side in ${ORDER:-nano ours}; do train_$side; done
+if [ -n "${INTERLEAVE:-}" ]; then
+  python "$(dirname "$0")/interleave.py" --turn "$INTERLEAVE" "$OUT/nanogpt_train.txt" "$NANO_TRAIN" \
+      "$OUT/ours_train.txt" "$OURS_TRAIN"
+else
+  for side in ${ORDER:-nano ours}; do train_$side; done
+fi
 for side in ${ORDER:-nano ours}; do sample_$side; done
 grep -h "val loss" "$OUT/nanogpt_train.txt" | tail -1
 grep -h "val " "$OUT/ours_train.txt" | tail -1
