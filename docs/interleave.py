@@ -60,14 +60,13 @@ def main(argv=None):
     procs, ran, usage = [None, None], [0.0, 0.0], [None, None]
     try:
         turn = 0
-        while usage[0] is None or usage[1] is None:
-            i = turn % 2 if usage[0] is None and usage[1] is None else (0 if usage[0] is None else 1)
+        while alive := [k for k in (0, 1) if usage[k] is None]:
+            i = alive[turn % len(alive)]  # in turns while both run; then the one left, to its end
             if procs[i] is None:
                 procs[i] = start(sides[i][1], sides[i][0])
             else:
                 os.killpg(procs[i].pid, signal.SIGCONT)
-            alone = usage[1 - i] is not None
-            dt, u = run_for(procs[i], float("inf") if alone else args.turn)
+            dt, u = run_for(procs[i], float("inf") if len(alive) == 1 else args.turn)
             ran[i] += dt
             if u is not None:
                 usage[i] = u

@@ -45,8 +45,8 @@ def test_turns_do_not_overlap_and_each_side_counts_its_own_time(tmp_path, capsys
     # each ran about as long as it spun (start-up of an interpreter on top), not the whole wall time
     assert 0.4 <= ran_a < 0.4 + 0.5 and 0.25 <= ran_b < 0.25 + 0.5
     assert max(sa + sb) - min(sa + sb) >= 0.6  # they did not run side by side
-    # while one of them ran, the other wrote nothing: between two of A's stamps less than a
-    # millisecond apart in the same turn, none of B's (and the other way round)
+    # while one of them ran, the other wrote nothing: in time order, the stamps change hands only
+    # at a switch of turns, not every millisecond as two commands running side by side would
     merged = sorted([(t, "a") for t in sa] + [(t, "b") for t in sb])
     switches = sum(1 for (_, x), (_, y) in zip(merged, merged[1:]) if x != y)
     assert 3 <= switches <= 2 + (ran_a + ran_b) / 0.1  # several turns, and no finer interleaving than turns
